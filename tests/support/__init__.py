@@ -1,0 +1,1 @@
+"""Small real services for tests: an S3 HTTP server, free ports."""
