@@ -1,0 +1,54 @@
+"""The Celery configuration shared by the dispatcher and the workers. Messages carry job ids only, as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from farm.settings import Settings
+
+RENDER_TASK = "farm.render"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings that matter for long GPU tasks (DESIGN.md): JSON only, late acks, prefetch 1."""
+    return {
+        "broker_url": settings.broker_url,
+        # Pickle would let anyone who can write to the broker run code in a worker.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": settings.queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "broker_transport_options": transport_options(settings),
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "enable_utc": True,
+    }
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Per-transport options: each kombu transport accepts its own keys and rejects the others."""
+    scheme = settings.broker_url.split("://", 1)[0]
+    if scheme in ("redis", "rediss"):
+        # Redis redelivers an unacknowledged message after this; keep it above the longest lease,
+        # and the guarded claim makes a redelivery render nothing twice.
+        return {"visibility_timeout": max(3600, settings.lease_s * 2)}
+    if scheme.startswith("sqla+"):
+        # kombu hands these to create_engine: wait on SQLite's lock instead of failing.
+        return {"connect_args": {"timeout": 30}} if "sqlite" in scheme else {}
+    return {}
+
+
+def make_celery(settings: Settings, name: str = "farm") -> Celery:
+    """A Celery app bound to the configured broker; the workers add the task body to it."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,323 @@
+"""The `farm` command: parse, call the library, print. Heavy parts (torch, Celery workers) load only in
+the commands that run them, so `farm submit` and `farm status` start instantly."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from farm.errors import BrokerUnavailable, ConfigError, FarmError, InvalidSubmission, UnknownDataset
+from farm.schema import JobStatus
+from farm.settings import Settings, load_settings, redact, with_overrides
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """User mistakes exit 2 with the message; other farm errors exit 1; never a traceback for either."""
+    try:
+        yield
+    except (InvalidSubmission, UnknownDataset) as exc:
+        raise click.UsageError(str(exc)) from None
+    except FarmError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="State folder for the embedded default (FARM_HOME, default ./.farm).",
+)
+@click.pass_context
+def main(ctx: click.Context, home: Path | None) -> None:
+    """PixArt-δ render farm: submit prompt files, render them on GPU workers, collect the dataset."""
+    with _errors():
+        ctx.obj = load_settings(home=str(home) if home else None)
+
+
+# ---- submit / dispatch ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, help="Dataset name (letters, digits, '.', '_', '-').")
+@click.option("--model", default=None, help="Profile name (tiny, pixart-lcm-1024), local folder or hub id.")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the model's size).")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the model's size).")
+@click.option(
+    "--steps",
+    "num_inference_steps",
+    type=int,
+    default=4,
+    show_default=True,
+    help="LCM denoising steps (num_inference_steps).",
+)
+@click.option(
+    "--guidance-scale",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Classifier-free guidance; 0 for the LCM model, which has guidance distilled in.",
+)
+@click.option("--images-per-prompt", type=int, default=1, show_default=True, help="Images (seeds) per prompt.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Base seed; every image gets its own seed derived from it, stored on the job.",
+)
+@click.option("--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them.")
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    file: Path,
+    dataset: str,
+    model: str | None,
+    width: int | None,
+    height: int | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    images_per_prompt: int,
+    seed: int,
+    no_dispatch: bool,
+) -> None:
+    """Validate FILE (.txt, .jsonl, .csv) completely, record its jobs, and dispatch them."""
+    from farm.db import open_store
+    from farm.submit import SubmitOptions, plan_submission, record
+
+    settings = _settings(ctx)
+    with _errors():
+        options = SubmitOptions(
+            dataset=dataset,
+            model=model or settings.default_model,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            images_per_prompt=images_per_prompt,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        plan = plan_submission(file, options)
+        engine = open_store(settings)
+        recorded = record(engine, plan)
+        elapsed = time.perf_counter() - started
+        note = f" ({plan.duplicates} duplicate rows folded)" if plan.duplicates else ""
+        click.echo(
+            f"dataset {recorded.dataset}: {recorded.new_jobs} new jobs, {recorded.already_present} "
+            f"already present{note}, recorded in {elapsed:.2f} s"
+        )
+        if no_dispatch:
+            click.echo("not dispatched (--no-dispatch): run `farm dispatch` to send them")
+            return
+        _dispatch(settings, engine, recorded.dataset_id)
+
+
+@main.command()
+@click.option("--dataset", default=None, help="Only this dataset (default: every dataset).")
+@click.pass_context
+def dispatch(ctx: click.Context, dataset: str | None) -> None:
+    """Publish pending jobs to the broker (after a broker outage, or a --no-dispatch submit)."""
+    from farm.db import open_store
+    from farm.status import dataset_id
+
+    settings = _settings(ctx)
+    with _errors():
+        engine = open_store(settings)
+        ds_id = dataset_id(engine, dataset) if dataset else None
+        _dispatch(settings, engine, ds_id)
+
+
+def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
+    from farm.broker import make_celery
+    from farm.dispatch import dispatch_pending
+
+    started = time.perf_counter()
+    try:
+        sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
+    except BrokerUnavailable as exc:
+        click.echo(
+            f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
+            "run `farm dispatch` once the broker is back.",
+            err=True,
+        )
+        sys.exit(3)
+    click.echo(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")
+
+
+# ---- worker -------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--device", default=None, help="Device: auto, cpu, cuda or cuda:N (FARM_DEVICE).")
+@click.option("--dtype", default=None, help="auto, float16, bfloat16 or float32 (FARM_DTYPE).")
+@click.option("--queue", default=None, help="Broker queue to consume (FARM_QUEUE, default render).")
+@click.option("--name", default=None, help="Worker name (default host:pid).")
+@click.option("--torch-threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+@click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    device: str | None,
+    dtype: str | None,
+    queue: str | None,
+    name: str | None,
+    torch_threads: int | None,
+    loglevel: str,
+) -> None:
+    """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
+    with _errors():
+        settings = with_overrides(_settings(ctx), device=device, dtype=dtype, queue=queue)
+        from farm.db import open_store
+
+        open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
+        # Imported here, not at the top: farm's own modules never import workers, torch or diffusers.
+        from workers.main import run_worker
+
+        run_worker(settings, name=name, loglevel=loglevel, torch_threads=torch_threads)
+
+
+# ---- status / jobs ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("dataset", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with a `counts` map, for scripts.")
+@click.option("--watch", is_flag=True, help="Redraw with a progress bar until the dataset is finished.")
+@click.option("--interval-s", type=float, default=1.0, show_default=True, help="Seconds between redraws.")
+@click.pass_context
+def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
+    """Counts per state, images/s and ETA, for one dataset or all."""
+    from farm.db import open_store
+    from farm.status import all_statuses, dataset_status
+
+    settings = _settings(ctx)
+    with _errors():
+        engine = open_store(settings)
+        if watch:
+            if not dataset:
+                raise click.UsageError("--watch needs a DATASET")
+            from farm.watch import watch_dataset
+
+            final = watch_dataset(lambda: dataset_status(engine, dataset), interval_s=interval_s)
+            _print_statuses([final], as_json)
+            return
+        statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
+        _print_statuses(statuses, as_json)
+
+
+def _print_statuses(statuses: list[Any], as_json: bool) -> None:
+    if as_json:
+        payload = statuses[0].as_dict() if len(statuses) == 1 else [s.as_dict() for s in statuses]
+        click.echo(json.dumps(payload))
+        return
+    if not statuses:
+        click.echo("no datasets yet: `farm submit FILE --dataset NAME`")
+    for s in statuses:
+        counts = "  ".join(f"{state} {s.counts[state.value]}" for state in JobStatus)
+        eta = "-" if s.eta_s is None else f"{s.eta_s:.0f} s"
+        click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--state", type=click.Choice([s.value for s in JobStatus]), default=None, help="Only jobs in this state.")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_json: bool) -> None:
+    """List a dataset's jobs with their state, attempts, output and error."""
+    from farm.db import open_store
+    from farm.status import list_jobs
+
+    with _errors():
+        rows = list_jobs(open_store(_settings(ctx)), dataset, state=state, limit=limit)
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row.__dict__))
+            continue
+        tail = row.error if row.error else (row.output_uri or "")
+        click.echo(
+            f"{row.id}  {row.status:<9} attempts={row.attempts}  line {row.source_line}  seed {row.seed}  {tail}"
+        )
+
+
+# ---- db / models / config -----------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Job database schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply migrations to the configured database (production runs this once per release)."""
+    from farm.db import current_revision, make_engine, upgrade
+
+    settings = _settings(ctx)
+    with _errors():
+        engine = make_engine(settings.database_url)
+        upgrade(engine)
+        click.echo(f"{redact(settings.database_url)} is at revision {current_revision(engine)}")
+
+
+@main.group()
+def models() -> None:
+    """Model profiles and the offline tiny model."""
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx: click.Context) -> None:
+    """The built-in profiles and where each loads from."""
+    from farm.profiles import PROFILES
+
+    for profile in PROFILES.values():
+        click.echo(
+            f"{profile.name:<16} {profile.native_size}px  {profile.source(_settings(ctx))}\n"
+            f"{'':<16} {profile.description}"
+        )
+
+
+@models.command("make-tiny")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random weights.")
+@click.pass_context
+def models_make_tiny(ctx: click.Context, directory: Path | None, seed: int) -> None:
+    """Write a tiny random-weight PixArt-α pipeline (default: FARM_HOME/models/tiny), fully offline."""
+    from models.tiny import make_tiny
+
+    target = directory or _settings(ctx).models_dir / "tiny"
+    path = make_tiny(target, seed=seed)
+    click.echo(f"tiny PixArt pipeline written to {path}")
+
+
+@main.command("config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Print the effective settings, secrets masked."""
+    for key, value in _settings(ctx).describe().items():
+        click.echo(f"{key} = {value}")
+
+
+def _unused(*_: Any) -> None:  # pragma: no cover - keeps ConfigError imported for callers' isinstance checks
+    raise ConfigError("unreachable")

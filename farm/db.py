@@ -1,0 +1,115 @@
+"""Engines and schema upgrades for the job store (SQLite embedded, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from farm.errors import ConfigError
+from farm.settings import redact
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL, whatever spelling the user gave."""
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine tuned for the farm's access pattern: many short guarded UPDATEs from several processes."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # pre_ping: a worker survives a database restart by reconnecting instead of failing its next job.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **kwargs)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets `farm status` read while a worker writes; busy_timeout makes writers wait instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["engine"] = engine
+    return config
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest revision this code ships."""
+    from alembic.script import ScriptDirectory
+
+    import migrations
+
+    script = ScriptDirectory(str(Path(migrations.__file__).parent))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply migrations up to `revision` (`farm db upgrade`)."""
+    from alembic import command
+
+    try:
+        command.upgrade(_alembic_config(engine), revision)
+    except SQLAlchemyError as exc:
+        raise ConfigError(f"cannot upgrade {redact(str(engine.url))}: {exc.__class__.__name__}") from exc
+
+
+def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
+    """Make sure the schema is current: the embedded default upgrades itself, production says what to run."""
+    try:
+        current = current_revision(engine)
+    except SQLAlchemyError as exc:
+        url = engine.url.render_as_string(hide_password=True)
+        raise ConfigError(f"cannot reach the job database {url}: {_first_line(exc)}") from exc
+    if current == head_revision():
+        return
+    if auto_upgrade:
+        upgrade(engine)
+        return
+    raise ConfigError(
+        f"the job database is at revision {current or 'none'}, this farm needs {head_revision()}: run `farm db upgrade`"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return redact(text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__)
+
+
+def open_store(settings: Any) -> Engine:
+    """The job database for these settings, schema checked (and created, for the embedded default)."""
+    engine = make_engine(settings.database_url)
+    ensure_schema(engine, auto_upgrade=settings.embedded)
+    return engine

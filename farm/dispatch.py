@@ -1,0 +1,100 @@
+"""Dispatch: publish pending jobs to the broker as tasks of compatible jobs, then mark them queued."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from farm import states
+from farm.broker import RENDER_TASK
+from farm.errors import BrokerUnavailable
+from farm.schema import Job, JobStatus
+from farm.settings import Settings, redact
+
+log = logging.getLogger(__name__)
+_PAGE = 10_000
+
+# Jobs that can share one pipeline call: same model, size, steps and guidance.
+GroupKey = tuple[str, int, int, int, float]
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What one dispatch sent."""
+
+    jobs: int
+    tasks: int
+
+
+def dispatch_pending(engine: Engine, app: Celery, settings: Settings, *, dataset_id: int | None = None) -> Dispatched:
+    """Publish every pending job (of one dataset, or all), page by page.
+
+    Publish first, mark queued after: a worker may claim a job that is still pending, and a crash in
+    between leaves jobs pending, which the next dispatch sends again (the guarded claim drops the repeat).
+    """
+    sent_jobs = sent_tasks = 0
+    after = ""
+    while True:
+        page = _pending_page(engine, dataset_id, after)
+        if not page:
+            break
+        after = page[-1][0]
+        tasks = list(group_jobs(page, settings.batch_size))
+        published: list[str] = []
+        try:
+            with app.producer_or_acquire() as producer:
+                for job_ids in tasks:
+                    app.send_task(RENDER_TASK, args=[job_ids], queue=settings.queue, producer=producer, retry=False)
+                    published.extend(job_ids)
+                    sent_tasks += 1
+        except (KombuOperationalError, OSError) as exc:
+            _mark(engine, published)
+            raise BrokerUnavailable(
+                f"broker {redact(settings.broker_url)} unreachable ({exc.__class__.__name__}); "
+                f"{sent_jobs + len(published)} jobs sent before it failed"
+            ) from exc
+        _mark(engine, published)
+        sent_jobs += len(published)
+    if sent_jobs:
+        log.info("dispatched %d jobs in %d tasks", sent_jobs, sent_tasks)
+    return Dispatched(sent_jobs, sent_tasks)
+
+
+def group_jobs(rows: Iterable[tuple[str, str, int, int, int, float]], batch_size: int) -> Iterable[list[str]]:
+    """Group (id, model, width, height, steps, guidance) rows into lists of at most batch_size compatible ids."""
+    groups: dict[GroupKey, list[str]] = {}
+    for job_id, model, width, height, steps, guidance in rows:
+        key = (model, width, height, steps, guidance)
+        bucket = groups.setdefault(key, [])
+        bucket.append(job_id)
+        if len(bucket) == batch_size:
+            yield bucket
+            groups[key] = []
+    for bucket in groups.values():
+        if bucket:
+            yield bucket
+
+
+def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[tuple[str, str, int, int, int, float]]:
+    query = (
+        select(Job.id, Job.model, Job.width, Job.height, Job.num_inference_steps, Job.guidance_scale)
+        .where(Job.status == JobStatus.PENDING.value, Job.id > after)
+        .order_by(Job.id)
+        .limit(_PAGE)
+    )
+    if dataset_id is not None:
+        query = query.where(Job.dataset_id == dataset_id)
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(query)]  # type: ignore[misc]
+
+
+def _mark(engine: Engine, job_ids: list[str]) -> None:
+    if job_ids:
+        with engine.begin() as conn:
+            states.mark_queued(conn, job_ids)

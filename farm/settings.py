@@ -1,0 +1,155 @@
+"""Settings: one typed, frozen object built from FARM_* variables and an optional farm.toml."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from farm.errors import ConfigError
+
+# Each setting: (field, environment variable, type). The toml file uses the field names.
+_INT_FIELDS = {"max_attempts", "lease_s", "batch_size", "retry_backoff_s", "retry_backoff_max_s"}
+_FLOAT_FIELDS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the farm keeps its state and how workers behave; passed explicitly, never global."""
+
+    home: Path
+    database_url: str
+    broker_url: str
+    storage_url: str
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    default_model: str = "tiny"
+    queue: str = "render"
+    max_attempts: int = 3
+    lease_s: int = 600
+    batch_size: int = 4
+    retry_backoff_s: int = 2
+    retry_backoff_max_s: int = 60
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the job database is the SQLite file under FARM_HOME."""
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def models_dir(self) -> Path:
+        """Where `farm models make-tiny` writes by default and where profiles look for local copies."""
+        return self.home / "models"
+
+    def describe(self) -> dict[str, str]:
+        """The settings as text, with every secret masked: safe for logs and `farm doctor`."""
+        return {
+            f.name: redact(str(getattr(self, f.name))) if getattr(self, f.name) is not None else ""
+            for f in fields(self)
+        }
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, *, config_file: Path | None = None, **overrides: Any
+) -> Settings:
+    """Build settings: defaults, then farm.toml, then FARM_* variables, then explicit overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or _config_path(env)
+    if path is not None:
+        values.update(_read_toml(path))
+    for f in fields(Settings):
+        key = f"FARM_{f.name.upper()}"
+        if key in env and env[key] != "":
+            values[f.name] = env[key]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+
+    home = Path(values.pop("home", ".farm")).expanduser().absolute()
+    values.setdefault("database_url", f"sqlite:///{home / 'farm.db'}")
+    values.setdefault("broker_url", f"sqla+sqlite:///{home / 'broker.db'}")
+    values.setdefault("storage_url", (home / "images").as_uri())
+    for name in _INT_FIELDS:
+        if name in values:
+            values[name] = _as_int(name, values[name])
+    unknown = set(values) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    settings = Settings(home=home, **values)
+    _validate(settings)
+    return settings
+
+
+def with_overrides(settings: Settings, **changes: Any) -> Settings:
+    """A copy with some fields replaced (CLI options), validated again."""
+    updated = replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    _validate(updated)
+    return updated
+
+
+def redact(text: str) -> str:
+    """Mask the password in a URL (`redis://:secret@host` → `redis://:***@host`); other text unchanged."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    if not parts.scheme or parts.password is None:
+        return text
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _config_path(env: Mapping[str, str]) -> Path | None:
+    explicit = env.get("FARM_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"FARM_CONFIG points to {path}, which is not a file")
+        return path
+    local = Path("farm.toml")
+    return local if local.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read settings: {exc}") from exc
+    # Accept either top-level keys or a [farm] table.
+    table = data.get("farm", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [farm] must be a table")
+    return {k: v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def _as_int(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _validate(s: Settings) -> None:
+    db_schemes = ("sqlite", "postgresql", "postgresql+psycopg")
+    if urlsplit(s.database_url).scheme not in db_schemes:
+        raise ConfigError(
+            f"database_url must start with sqlite:// or postgresql+psycopg://, got {redact(s.database_url)}"
+        )
+    broker_schemes = ("sqla+sqlite", "sqla+postgresql", "redis", "rediss", "amqp", "amqps", "memory")
+    if urlsplit(s.broker_url).scheme not in broker_schemes:
+        raise ConfigError(
+            f"broker_url must be redis://, rediss://, amqp:// or sqla+sqlite://, got {redact(s.broker_url)}"
+        )
+    if urlsplit(s.storage_url).scheme not in ("file", "s3"):
+        raise ConfigError(f"storage_url must be file:///path or s3://bucket/prefix, got {redact(s.storage_url)}")
+    for name, low in (("max_attempts", 1), ("lease_s", 10), ("batch_size", 1), ("retry_backoff_s", 0)):
+        if getattr(s, name) < low:
+            raise ConfigError(f"{name} must be at least {low}, got {getattr(s, name)}")

@@ -1,0 +1,173 @@
+"""The one place that writes job states. Every transition is a guarded UPDATE, so a duplicate delivery
+or a late worker can never move a job backwards or render it twice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.engine import Connection
+
+from farm.schema import UNFINISHED, Job, JobStatus, utcnow
+from farm.storage import StoredObject
+
+# SQLite allows 32766 bound parameters; stay far below for IN lists.
+_CHUNK = 5000
+_ERROR_MAX_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job this worker now owns, with everything needed to render it."""
+
+    id: str
+    dataset_id: int
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    model: str
+    attempts: int
+
+
+def mark_queued(conn: Connection, job_ids: Sequence[str]) -> int:
+    """pending → queued, once their task message is on the broker."""
+    moved = 0
+    for chunk in _chunks(job_ids):
+        result = conn.execute(
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.PENDING.value)
+            .values(status=JobStatus.QUEUED.value)
+        )
+        moved += result.rowcount
+    return moved
+
+
+def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int, max_attempts: int) -> list[Claimed]:
+    """Take ownership of the jobs that are still waiting (or whose lease expired), counting an attempt.
+
+    A job is claimable when pending or queued (its message may arrive before the dispatcher marked it
+    queued), running with an expired lease (its worker died), or running under this very worker name
+    (host:pid) but not being rendered, because this process lost a database write for it and a solo
+    worker renders one task at a time. Jobs out of attempts are not claimed.
+    """
+    now = utcnow()
+    claimable = and_(
+        Job.id.in_(list(job_ids)),
+        Job.attempts < max_attempts,
+        or_(
+            Job.status.in_([JobStatus.PENDING.value, JobStatus.QUEUED.value]),
+            and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+            and_(Job.status == JobStatus.RUNNING.value, Job.worker == worker),
+        ),
+    )
+    result = conn.execute(
+        update(Job)
+        .where(claimable)
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=Job.attempts + 1,
+            worker=worker,
+            started_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+        )
+        .returning(
+            Job.id,
+            Job.dataset_id,
+            Job.prompt,
+            Job.seed,
+            Job.width,
+            Job.height,
+            Job.num_inference_steps,
+            Job.guidance_scale,
+            Job.model,
+            Job.attempts,
+        )
+    )
+    order = {job_id: i for i, job_id in enumerate(job_ids)}
+    rows = sorted(result.all(), key=lambda r: order[r.id])
+    return [Claimed(**row._asdict()) for row in rows]
+
+
+def mark_succeeded(conn: Connection, job_id: str, *, worker: str, stored: StoredObject, render_ms: int) -> bool:
+    """running → succeeded, only for the worker that holds the job and only with a confirmed object."""
+    result = conn.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            output_uri=stored.uri,
+            sha256=stored.sha256,
+            bytes=stored.bytes,
+            render_ms=render_ms,
+            error=None,
+        )
+    )
+    return result.rowcount == 1
+
+
+def mark_attempt_failed(
+    conn: Connection, job_id: str, *, worker: str, error: str, max_attempts: int
+) -> JobStatus | None:
+    """running → queued for another attempt, or → failed after the last one. Returns the new state,
+    or None if this worker no longer holds the job (it was reaped or canceled meanwhile)."""
+    row = conn.execute(
+        select(Job.attempts).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
+    ).first()
+    if row is None:
+        return None
+    attempts = row.attempts
+    target = JobStatus.FAILED if attempts >= max_attempts else JobStatus.QUEUED
+    values: dict[str, object] = {
+        "status": target.value,
+        "lease_expires_at": None,
+        "error": f"attempt {attempts}: {error}"[:_ERROR_MAX_CHARS],
+    }
+    if target is JobStatus.FAILED:
+        values["finished_at"] = utcnow()
+    result = conn.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING.value,
+            Job.worker == worker,
+            Job.attempts == attempts,
+        )
+        .values(**values)
+    )
+    return target if result.rowcount == 1 else None
+
+
+def mark_pending(conn: Connection, job_ids: Sequence[str]) -> int:
+    """queued → pending, for jobs whose message never reached the broker, so `farm dispatch` sends them."""
+    moved = 0
+    for chunk in _chunks(job_ids):
+        result = conn.execute(
+            update(Job)
+            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.PENDING.value)
+        )
+        moved += result.rowcount
+    return moved
+
+
+def cancel(conn: Connection, *, dataset_id: int | None = None, job_ids: Sequence[str] = ()) -> int:
+    """Any unfinished job → canceled. A worker rendering one finds out when it tries to mark it."""
+    unfinished = Job.status.in_([s.value for s in UNFINISHED])
+    values = {"status": JobStatus.CANCELED.value, "finished_at": utcnow(), "lease_expires_at": None}
+    if dataset_id is not None:
+        return conn.execute(update(Job).where(Job.dataset_id == dataset_id, unfinished).values(**values)).rowcount
+    moved = 0
+    for chunk in _chunks(job_ids):
+        moved += conn.execute(update(Job).where(Job.id.in_(chunk), unfinished).values(**values)).rowcount
+    return moved
+
+
+def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]

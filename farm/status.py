@@ -1,0 +1,132 @@
+"""Reading progress from the job store: counts per state, throughput, ETA, and job listings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from farm.errors import UnknownDataset
+from farm.schema import FINISHED, Dataset, Job, JobStatus, utcnow
+
+# Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
+RATE_WINDOW_S = 120
+
+
+@dataclass(frozen=True)
+class DatasetStatus:
+    """A dataset's progress."""
+
+    name: str
+    counts: dict[str, int]
+    images_per_s: float
+    eta_s: float | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts[s.value] for s in FINISHED)
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to do: every job succeeded, failed or was canceled."""
+        return self.finished == self.total
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "dataset": self.name,
+            "counts": self.counts,
+            "total": self.total,
+            "images_per_s": round(self.images_per_s, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "done": self.done,
+        }
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One line of `farm jobs`."""
+
+    id: str
+    status: str
+    attempts: int
+    source_line: int | None
+    prompt: str
+    seed: int
+    worker: str | None
+    output_uri: str | None
+    error: str | None
+
+
+def dataset_id(engine: Engine, name: str) -> int:
+    """The id of a dataset by name, or UnknownDataset."""
+    with engine.connect() as conn:
+        found = conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar()
+    if found is None:
+        raise UnknownDataset(f"no dataset named {name!r}")
+    return int(found)
+
+
+def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) -> DatasetStatus:
+    """Counts per state (one indexed GROUP BY), images/s over the last RATE_WINDOW_S, and ETA."""
+    ds_id = dataset_id(engine, name)
+    now = now or utcnow()
+    since = now - timedelta(seconds=RATE_WINDOW_S)
+    with engine.connect() as conn:
+        grouped = conn.execute(
+            select(Job.status, func.count()).where(Job.dataset_id == ds_id).group_by(Job.status)
+        ).all()
+        recent, first = conn.execute(
+            select(func.count(), func.min(Job.finished_at)).where(
+                Job.dataset_id == ds_id, Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED.value
+            )
+        ).one()
+    counts = {s.value: 0 for s in JobStatus}
+    counts.update({status: int(n) for status, n in grouped})
+    rate = 0.0
+    if recent and first is not None:
+        first_at = first if isinstance(first, datetime) else datetime.fromisoformat(str(first))
+        if first_at.tzinfo is None:
+            first_at = first_at.replace(tzinfo=now.tzinfo)
+        span = max((now - first_at).total_seconds(), 1.0)
+        rate = recent / span
+    remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
+    eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
+    return DatasetStatus(name, counts, rate, eta)
+
+
+def all_statuses(engine: Engine) -> list[DatasetStatus]:
+    """Every dataset's status, oldest first."""
+    with engine.connect() as conn:
+        names = conn.execute(select(Dataset.name).order_by(Dataset.created_at, Dataset.id)).scalars().all()
+    return [dataset_status(engine, name) for name in names]
+
+
+def list_jobs(engine: Engine, name: str, *, state: str | None = None, limit: int = 50) -> list[JobRow]:
+    """Jobs of a dataset, optionally in one state, in file order."""
+    ds_id = dataset_id(engine, name)
+    query = (
+        select(
+            Job.id,
+            Job.status,
+            Job.attempts,
+            Job.source_line,
+            Job.prompt,
+            Job.seed,
+            Job.worker,
+            Job.output_uri,
+            Job.error,
+        )
+        .where(Job.dataset_id == ds_id)
+        .order_by(Job.source_line, Job.seed)
+        .limit(limit)
+    )
+    if state is not None:
+        query = query.where(Job.status == state)
+    with engine.connect() as conn:
+        return [JobRow(*row) for row in conn.execute(query)]

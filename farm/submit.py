@@ -1,0 +1,283 @@
+"""Submitting: validate every row of a prompt file, then record the dataset and its jobs in one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from farm.errors import InvalidSubmission
+from farm.inputs import Row, read_rows
+from farm.profiles import resolve_model
+from farm.schema import Dataset, Job, JobStatus, utcnow
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 10_000
+_INSERT_CHUNK = 5_000
+
+# Limits (inclusive). Sizes must be multiples of 16: the VAE downsamples by 8 and the transformer's patches are 2.
+SIZE_RANGE = (64, 4096)
+SIZE_MULTIPLE = 16
+STEPS_RANGE = (1, 50)  # LCM cannot take more steps than its 50 original ones
+GUIDANCE_RANGE = (0.0, 30.0)
+IMAGES_PER_PROMPT_RANGE = (1, 10_000)
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """Defaults for every row; a row's own fields override them."""
+
+    dataset: str
+    model: str = "tiny"
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int = 4
+    guidance_scale: float = 0.0
+    images_per_prompt: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One image, fully determined: its id is a hash of the dataset and all of these fields."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    model: str
+    source_line: int
+
+    def job_id(self, dataset: str) -> str:
+        """Deterministic: the same image asked for twice in a dataset is one job."""
+        key = [
+            dataset,
+            self.prompt,
+            self.seed,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            float(self.guidance_scale),
+            self.model,
+        ]
+        return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated submission, not yet written."""
+
+    dataset: str
+    specs: list[JobSpec]
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What a submission wrote."""
+
+    dataset_id: int
+    dataset: str
+    new_jobs: int
+    already_present: int
+
+
+def validate_dataset_name(name: str) -> str:
+    """Dataset names become storage path segments: letters, digits, '.', '_' and '-', no '..'."""
+    if not DATASET_NAME.match(name) or ".." in name:
+        raise InvalidSubmission(
+            "dataset name must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit "
+            f"and not contain '..'; got {name!r}",
+            field="dataset",
+            value=name,
+        )
+    return name
+
+
+def plan_submission(path: Path, options: SubmitOptions) -> Plan:
+    """Read and validate every row before anything is written; the first bad value raises."""
+    validate_dataset_name(options.dataset)
+    model = resolve_model(options.model)
+    defaults = {
+        "width": options.width or model.native_size,
+        "height": options.height or model.native_size,
+        "num_inference_steps": options.num_inference_steps,
+        "guidance_scale": options.guidance_scale,
+        "images_per_prompt": options.images_per_prompt,
+    }
+    _check_defaults(defaults, options.seed)
+    specs: list[JobSpec] = []
+    seen: set[str] = set()
+    occurrences: Counter[str] = Counter()
+    duplicates = 0
+    for row in read_rows(path):
+        for spec in _expand(row, defaults, options.seed, model.name, occurrences):
+            job_id = spec.job_id(options.dataset)
+            if job_id in seen:
+                duplicates += 1
+                continue
+            seen.add(job_id)
+            specs.append(spec)
+    return Plan(options.dataset, specs, duplicates)
+
+
+def derive_seed(base_seed: int, prompt: str, occurrence: int, index: int) -> int:
+    """A per-image seed from the base seed, the prompt, which repeat of it this is and the image index.
+
+    Stable when rows are reordered or appended, so a resubmitted file maps onto the same jobs.
+    """
+    digest = hashlib.sha256(f"{base_seed}\0{prompt}\0{occurrence}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
+
+
+def record(engine: Engine, plan: Plan) -> Recorded:
+    """One transaction: the dataset (created if new) and every job as pending; existing ids are skipped."""
+    with engine.begin() as conn:
+        dataset_id = _dataset_id(conn, plan.dataset)
+        before = _count_jobs(conn, dataset_id)
+        now = utcnow()
+        rows = [
+            {
+                **asdict(spec),
+                "id": spec.job_id(plan.dataset),
+                "dataset_id": dataset_id,
+                "status": JobStatus.PENDING.value,
+                "attempts": 0,
+                "created_at": now,
+            }
+            for spec in plan.specs
+        ]
+        stmt = _insert_ignoring_conflicts(conn)
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            conn.execute(stmt, rows[start : start + _INSERT_CHUNK])
+        added = _count_jobs(conn, dataset_id) - before
+    return Recorded(dataset_id, plan.dataset, added, len(plan.specs) - added)
+
+
+def _dataset_id(conn: Connection, name: str) -> int:
+    found = conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar()
+    if found is not None:
+        return int(found)
+    conn.execute(_insert_ignoring_conflicts(conn, Dataset), {"name": name, "created_at": utcnow()})
+    return int(conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar_one())
+
+
+def _count_jobs(conn: Connection, dataset_id: int) -> int:
+    return int(conn.execute(select(func.count()).select_from(Job).where(Job.dataset_id == dataset_id)).scalar_one())
+
+
+def _insert_ignoring_conflicts(conn: Connection, table: type[Any] = Job) -> Any:
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return insert(table)
+
+
+def _check_defaults(defaults: dict[str, Any], seed: int) -> None:
+    fake = Row("(options)", 0, {})
+    for field, value in defaults.items():
+        _validated(fake, field, value, option=True)
+    _validated(fake, "seed", seed, option=True)
+
+
+def _expand(row: Row, defaults: dict[str, Any], base_seed: int, model: str, occurrences: Counter[str]) -> list[JobSpec]:
+    fields = {**defaults, **row.fields}
+    prompt = _validated(row, "prompt", fields.get("prompt"))
+    values = {k: _validated(row, k, fields[k]) for k in defaults}
+    explicit_seed = _validated(row, "seed", fields["seed"]) if "seed" in fields else None
+    occurrence = occurrences[prompt]
+    occurrences[prompt] += 1
+    specs = []
+    for index in range(values["images_per_prompt"]):
+        if explicit_seed is not None:
+            seed = explicit_seed + index
+            if seed > MAX_SEED:
+                raise _bad(row, "seed", explicit_seed, f"seed + images_per_prompt exceeds {MAX_SEED}")
+        else:
+            seed = derive_seed(base_seed, prompt, occurrence, index)
+        specs.append(
+            JobSpec(
+                prompt,
+                seed,
+                values["width"],
+                values["height"],
+                values["num_inference_steps"],
+                values["guidance_scale"],
+                model,
+                row.line,
+            )
+        )
+    return specs
+
+
+def _bad(row: Row, field: str, value: Any, message: str, option: bool = False) -> InvalidSubmission:
+    if option:
+        return InvalidSubmission(f"{message}, got {value!r}", field=field, value=value)
+    return InvalidSubmission(f"{message}, got {value!r}", path=row.path, line=row.line, field=field, value=value)
+
+
+def _validated(row: Row, field: str, value: Any, option: bool = False) -> Any:
+    """Convert and range-check one field; the error names file, line, field and value."""
+    if field == "prompt":
+        if not isinstance(value, str) or not value.strip():
+            raise _bad(row, field, value, "missing or empty prompt")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise _bad(row, field, f"{value[:40]}…", f"prompt longer than {MAX_PROMPT_CHARS} characters")
+        return value.strip()
+    if field == "guidance_scale":
+        number = _number(row, field, value, float, option)
+        low, high = GUIDANCE_RANGE
+        if not low <= number <= high:
+            raise _bad(row, field, value, f"guidance_scale must be between {low} and {high}", option)
+        return number
+    number = _number(row, field, value, int, option)
+    if field in ("width", "height"):
+        low, high = SIZE_RANGE
+        if not low <= number <= high:
+            raise _bad(row, field, value, f"{field} must be between {low} and {high}", option)
+        if number % SIZE_MULTIPLE:
+            raise _bad(row, field, value, f"{field} must be a multiple of {SIZE_MULTIPLE}", option)
+    elif field == "num_inference_steps":
+        low, high = STEPS_RANGE
+        if not low <= number <= high:
+            raise _bad(row, field, value, f"num_inference_steps must be between {low} and {high}", option)
+    elif field == "images_per_prompt":
+        low, high = IMAGES_PER_PROMPT_RANGE
+        if not low <= number <= high:
+            raise _bad(row, field, value, f"images_per_prompt must be between {low} and {high}", option)
+    elif field == "seed" and not 0 <= number <= MAX_SEED:
+        raise _bad(row, field, value, f"seed must be between 0 and {MAX_SEED}", option)
+    return number
+
+
+def _number(row: Row, field: str, value: Any, kind: type, option: bool) -> Any:
+    if isinstance(value, bool):
+        raise _bad(row, field, value, f"{field} must be a number", option)
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise _bad(row, field, value, f"{field} must be an integer", option)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _bad(row, field, value, f"{field} must be a number", option) from None
+    if number != number:  # NaN
+        raise _bad(row, field, value, f"{field} must be a number", option)
+    return number

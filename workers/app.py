@@ -1,0 +1,39 @@
+"""The worker's Celery app: the shared configuration plus the render task, bound to one runtime per process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
+
+from farm.broker import RENDER_TASK, make_celery
+from farm.settings import Settings
+from workers.runtime import WorkerRuntime
+from workers.tasks import render_jobs
+
+log = logging.getLogger("farm.worker")
+_DB_RETRY_MAX = 30
+
+
+def create_app(settings: Settings, *, worker_name: str | None = None) -> Celery:
+    """A Celery app whose render task builds its runtime (engine, storage, pipelines) on first use."""
+    app = make_celery(settings, "farm-worker")
+    # One process per device: a solo pool renders one task at a time in the main thread.
+    app.conf.update(worker_pool="solo", worker_concurrency=1)
+    runtime: list[WorkerRuntime] = []
+
+    @app.task(name=RENDER_TASK, bind=True, max_retries=_DB_RETRY_MAX)
+    def render(self: Any, job_ids: list[str]) -> dict[str, int]:
+        if not runtime:
+            runtime.append(WorkerRuntime.build(settings, app, worker_name))
+        try:
+            return render_jobs(runtime[0], list(job_ids)).as_dict()
+        except SQLAlchemyError as exc:
+            # The job database is away: the rows still say what is owed, so try the same ids again later.
+            delay = min(2**self.request.retries, 60)
+            log.warning("database error (%s); task retried in %d s", exc.__class__.__name__, delay)
+            raise self.retry(countdown=delay, exc=exc) from None
+
+    return app
