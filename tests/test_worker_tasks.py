@@ -1,0 +1,128 @@
+"""The render task with real parts: tiny pipeline, SQLite or PostgreSQL, local storage, real brokers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from farm.broker import make_celery
+from farm.db import make_engine, open_store
+from farm.schema import Dataset, Job
+from farm.settings import load_settings
+from farm.submit import SubmitOptions, plan_submission, record
+from tests.support.processes import Worker, farm_env, run_farm, wait_until
+from workers.runtime import WorkerRuntime
+from workers.tasks import render_jobs
+
+
+def _broken_copy(model: Path, where: Path) -> Path:
+    """A model folder that passes submit's check but cannot be loaded: a poison job's model."""
+    broken = shutil.copytree(model, where)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    return broken
+
+
+def _submit(engine, tmp_path: Path, dataset: str, prompts: list[str], model: Path) -> list[str]:  # type: ignore[no-untyped-def]
+    path = tmp_path / f"{dataset}.txt"
+    path.write_text("\n".join(prompts))
+    plan = plan_submission(path, SubmitOptions(dataset=dataset, model=str(model), width=64, height=64))
+    record(engine, plan)
+    return [spec.job_id(dataset) for spec in plan.specs]
+
+
+def _rows(engine, ids: list[str]) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return {r.id: r for r in conn.execute(select(Job.__table__).where(Job.id.in_(ids)))}
+
+
+def test_duplicate_delivery_renders_and_stores_nothing_twice(tmp_path: Path, tiny_model: Path) -> None:
+    settings = load_settings({}, home=str(tmp_path / "home"), broker_url="memory://")
+    engine = open_store(settings)
+    ids = _submit(engine, tmp_path, "dup", ["a cat", "a dog", "a cow"], tiny_model)
+    runtime = WorkerRuntime.build(settings, make_celery(settings), name="w-test")
+
+    first = render_jobs(runtime, ids)
+    second = render_jobs(runtime, ids)  # the broker delivers the same message again
+
+    assert (first.succeeded, first.skipped) == (3, 0)
+    assert (second.succeeded, second.skipped) == (0, 3)
+    files = sorted((tmp_path / "home" / "images" / "dup").iterdir())
+    assert [f.name for f in files] == sorted(f"{i}.png" for i in ids)
+    rows = _rows(engine, ids)
+    for job_id, row in rows.items():
+        data = (tmp_path / "home" / "images" / "dup" / f"{job_id}.png").read_bytes()
+        assert row.attempts == 1 and row.status == "succeeded"  # type: ignore[attr-defined]
+        assert hashlib.sha256(data).hexdigest() == row.sha256  # type: ignore[attr-defined]
+        assert row.render_ms is not None and row.render_ms >= 0  # type: ignore[attr-defined]
+    assert runtime.pipelines.misses == 1 and runtime.pipelines.hits == 2  # loaded once per process
+
+
+def test_a_failing_job_is_retried_then_failed_without_blocking_others(tmp_path: Path, tiny_model: Path) -> None:
+    settings = load_settings({}, home=str(tmp_path / "home"), broker_url="memory://", max_attempts=2, retry_backoff_s=0)
+    engine = open_store(settings)
+    good = _submit(engine, tmp_path, "mixed", ["fine one", "fine two"], tiny_model)
+    bad = _submit(engine, tmp_path, "mixed", ["poison"], _broken_copy(tiny_model, tmp_path / "broken"))
+    runtime = WorkerRuntime.build(settings, make_celery(settings), name="w-test")
+
+    first = render_jobs(runtime, [*bad, *good])
+    assert (first.succeeded, first.retrying, first.failed) == (2, 1, 0)
+    row = _rows(engine, bad)[bad[0]]
+    assert row.status == "queued" and row.attempts == 1  # type: ignore[attr-defined]
+    assert row.error.startswith("attempt 1: ModelLoadError")  # type: ignore[attr-defined]
+
+    second = render_jobs(runtime, bad)  # the retry message
+    assert (second.failed, second.retrying) == (1, 0)
+    row = _rows(engine, bad)[bad[0]]
+    assert row.status == "failed" and row.attempts == 2 and "ModelLoadError" in row.error  # type: ignore[attr-defined]
+    assert render_jobs(runtime, bad).skipped == 1  # out of attempts: never claimed again
+
+
+@pytest.mark.integration
+def test_poison_job_through_a_real_worker_and_redis(
+    tmp_path: Path, pg_url: str, redis_url: str, tiny_model: Path, queue_name: str
+) -> None:
+    dataset = f"poison-{queue_name}"
+    env = farm_env(
+        FARM_HOME=str(tmp_path / "home"),
+        FARM_DATABASE_URL=pg_url,
+        FARM_BROKER_URL=redis_url,
+        FARM_QUEUE=queue_name,
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+        FARM_MAX_ATTEMPTS="3",
+        FARM_RETRY_BACKOFF_S="1",
+    )
+    good = tmp_path / "good.txt"
+    good.write_text("one\ntwo\nthree\n")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("poison\n")
+    broken = _broken_copy(tiny_model, tmp_path / "broken")
+    assert run_farm(["submit", str(bad), "--dataset", dataset, "--model", str(broken)], env).returncode == 0
+    assert run_farm(["submit", str(good), "--dataset", dataset, "--model", str(tiny_model)], env).returncode == 0
+
+    worker = Worker(env, tmp_path / "worker.log")
+    try:
+        wait_until(
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            timeout_s=240,
+            what="poison dataset to finish",
+            worker=worker,
+        )
+    finally:
+        worker.stop()
+    counts = json.loads(run_farm(["status", dataset, "--json"], env).stdout)["counts"]
+    assert (counts["succeeded"], counts["failed"]) == (3, 1)
+    failed = run_farm(["jobs", dataset, "--state", "failed", "--json"], env)
+    [row] = [json.loads(line) for line in failed.stdout.splitlines()]
+    assert row["attempts"] == 3 and row["error"].startswith("attempt 3: ModelLoadError")
+    log = worker.log()
+    assert "attempt 1 failed" in log and "attempt 2 failed" in log and "failed after 3 attempts" in log
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        n = conn.execute(select(Job.id).join(Dataset).where(Dataset.name == dataset)).all()
+    assert len(n) == 4
