@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ def read_rows(path: Path) -> list[Row]:
             f"unsupported file type {suffix or '(none)'}; use one of {', '.join(FORMATS)}", path=name
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheet exports start with a BOM, which would otherwise hide the `prompt` header.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InvalidSubmission("file not found", path=name) from None
     except UnicodeDecodeError as exc:
@@ -58,14 +60,20 @@ def read_rows(path: Path) -> list[Row]:
     return rows
 
 
+def _lines(text: str) -> list[str]:
+    # read_text already turned \r\n and \r into \n; str.splitlines would also split inside a prompt at
+    # U+2028, U+0085 or a form feed (valid inside JSON strings), breaking rows and shifting line numbers.
+    return text.split("\n")
+
+
 def _txt(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, raw in enumerate(text.splitlines(), start=1):
+    for line, raw in enumerate(_lines(text), start=1):
         if raw.strip():
             yield line, {"prompt": raw.strip()}
 
 
 def _jsonl(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, raw in enumerate(text.splitlines(), start=1):
+    for line, raw in enumerate(_lines(text), start=1):
         if not raw.strip():
             continue
         try:
@@ -80,7 +88,7 @@ def _jsonl(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _csv(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
     if "prompt" not in header:
         raise InvalidSubmission(f"the header must have a 'prompt' column, got {header}", path=name, line=1)

@@ -66,7 +66,7 @@ def resolve_model(ref: str) -> ModelChoice:
         if not (path / "model_index.json").is_file():
             raise InvalidSubmission(f"folder {ref!r} has no model_index.json", field="model", value=ref)
         return ModelChoice(str(path.resolve()), _folder_native_size(path))
-    if HUB_ID.match(ref) and not ref.startswith((".", "/")):
+    if HUB_ID.fullmatch(ref) and not ref.startswith((".", "/")):
         return ModelChoice(ref, 1024)
     known = ", ".join(PROFILES)
     raise InvalidSubmission(

@@ -138,7 +138,8 @@ def _as_int(name: str, value: Any) -> int:
 
 
 def _validate(s: Settings) -> None:
-    db_schemes = ("sqlite", "postgresql", "postgresql+psycopg")
+    # Other PostgreSQL spellings are accepted and mapped to psycopg 3 by farm.db.normalize_url.
+    db_schemes = ("sqlite", "postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
     if urlsplit(s.database_url).scheme not in db_schemes:
         raise ConfigError(
             f"database_url must start with sqlite:// or postgresql+psycopg://, got {redact(s.database_url)}"

@@ -95,7 +95,7 @@ class Recorded:
 
 def validate_dataset_name(name: str) -> str:
     """Dataset names become storage path segments: letters, digits, '.', '_' and '-', no '..'."""
-    if not DATASET_NAME.match(name) or ".." in name:
+    if not DATASET_NAME.fullmatch(name) or ".." in name:
         raise InvalidSubmission(
             "dataset name must be 1-128 letters, digits, '.', '_' or '-', start with a letter or digit "
             f"and not contain '..'; got {name!r}",
@@ -110,8 +110,9 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
     validate_dataset_name(options.dataset)
     model = resolve_model(options.model)
     defaults = {
-        "width": options.width or model.native_size,
-        "height": options.height or model.native_size,
+        # `is None`, not `or`: an explicit 0 is a mistake to report, not a request for the default.
+        "width": model.native_size if options.width is None else options.width,
+        "height": model.native_size if options.height is None else options.height,
         "num_inference_steps": options.num_inference_steps,
         "guidance_scale": options.guidance_scale,
         "images_per_prompt": options.images_per_prompt,
@@ -135,7 +136,8 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
 def derive_seed(base_seed: int, prompt: str, occurrence: int, index: int) -> int:
     """A per-image seed from the base seed, the prompt, which repeat of it this is and the image index.
 
-    Stable when rows are reordered or appended, so a resubmitted file maps onto the same jobs.
+    Stable when lines are appended or lines of different prompts are reordered, so a resubmitted file maps
+    onto the same jobs; moving repeats of one prompt around swaps which repeat gets which seed.
     """
     digest = hashlib.sha256(f"{base_seed}\0{prompt}\0{occurrence}\0{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & MAX_SEED

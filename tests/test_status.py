@@ -1,0 +1,180 @@
+"""farm.status: counts per state, throughput and ETA, and job listings, read from a real SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, update
+from sqlalchemy.engine import Engine
+
+from farm.db import ensure_schema, make_engine
+from farm.errors import UnknownDataset
+from farm.schema import Dataset, Job, JobStatus, utcnow
+from farm.status import RATE_WINDOW_S, all_statuses, dataset_id, dataset_status, list_jobs
+
+# pending 3, queued 2, running 1, succeeded 5 (4 of them recent), failed 1, canceled 1
+LAYOUT = (
+    [JobStatus.PENDING] * 3
+    + [JobStatus.QUEUED] * 2
+    + [JobStatus.RUNNING]
+    + [JobStatus.SUCCEEDED] * 5
+    + [JobStatus.FAILED, JobStatus.CANCELED]
+)
+
+
+@pytest.fixture()
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A real SQLite job store, upgraded to the current schema by alembic."""
+    eng = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(eng, auto_upgrade=True)
+    yield eng
+    eng.dispose()
+
+
+def _add_dataset(engine: Engine, name: str, statuses: list[JobStatus], now: datetime) -> int:
+    """Insert a dataset and one job per status; succeeded jobs finish 60, 45, 30, 15 s and 1 h before now."""
+    finish_offsets_s = iter([60, 45, 30, 15, 3600])
+    with engine.begin() as conn:
+        ds_id = conn.execute(insert(Dataset).values(name=name, created_at=now).returning(Dataset.id)).scalar_one()
+        rows: list[dict[str, Any]] = []
+        for line, state in enumerate(statuses, start=1):
+            finished = None
+            if state is JobStatus.SUCCEEDED:
+                finished = now - timedelta(seconds=next(finish_offsets_s))
+            elif state in (JobStatus.FAILED, JobStatus.CANCELED):
+                finished = now - timedelta(seconds=5)
+            rows.append(
+                {
+                    "id": f"{name}-{line:04d}",
+                    "dataset_id": ds_id,
+                    "source_line": line,
+                    "prompt": f"prompt {line}",
+                    "seed": line,
+                    "width": 128,
+                    "height": 128,
+                    "num_inference_steps": 4,
+                    "guidance_scale": 0.0,
+                    "model": "tiny",
+                    "status": state.value,
+                    "attempts": 1 if state is not JobStatus.PENDING else 0,
+                    "created_at": now - timedelta(hours=2),
+                    "finished_at": finished,
+                    "output_uri": f"file:///x/{line}.png" if state is JobStatus.SUCCEEDED else None,
+                    "error": "boom" if state is JobStatus.FAILED else None,
+                }
+            )
+        if rows:
+            conn.execute(insert(Job), rows)
+    return int(ds_id)
+
+
+def test_counts_rate_and_eta(engine: Engine) -> None:
+    now = utcnow()
+    _add_dataset(engine, "d", LAYOUT, now)
+    status = dataset_status(engine, "d", now=now)
+    assert status.counts == {
+        "pending": 3,
+        "queued": 2,
+        "running": 1,
+        "succeeded": 5,
+        "failed": 1,
+        "canceled": 1,
+    }
+    assert set(status.counts) == {s.value for s in JobStatus}
+    assert status.total == 13
+    assert status.finished == 7
+    assert not status.done
+    # 4 successes in the window, the first 60 s ago: 4/60 images/s; 6 unfinished jobs left.
+    assert status.images_per_s == pytest.approx(4 / 60)
+    assert status.eta_s == pytest.approx(6 / (4 / 60))
+
+
+def test_rate_with_the_real_clock(engine: Engine) -> None:
+    _add_dataset(engine, "d", LAYOUT, utcnow())
+    status = dataset_status(engine, "d")
+    assert status.images_per_s > 0
+    assert status.eta_s is not None
+    assert status.eta_s > 0
+
+
+def test_old_successes_do_not_count_towards_the_rate(engine: Engine) -> None:
+    now = utcnow()
+    _add_dataset(engine, "d", [JobStatus.PENDING] + [JobStatus.SUCCEEDED] * 5, now)
+    later = now + timedelta(seconds=RATE_WINDOW_S + 120)  # every success is now outside the window
+    status = dataset_status(engine, "d", now=later)
+    assert status.counts["succeeded"] == 5
+    assert status.images_per_s == 0.0
+    assert status.eta_s is None  # work left, no recent progress: unknown
+
+
+def test_done_once_nothing_is_unfinished(engine: Engine) -> None:
+    now = utcnow()
+    ds_id = _add_dataset(engine, "d", LAYOUT, now)
+    with engine.begin() as conn:
+        conn.execute(
+            update(Job)
+            .where(Job.dataset_id == ds_id, Job.status.in_(["pending", "queued", "running"]))
+            .values(status=JobStatus.CANCELED.value, finished_at=now)
+        )
+    status = dataset_status(engine, "d", now=now)
+    assert status.done
+    assert status.counts["canceled"] == 7
+    assert status.counts["pending"] == status.counts["queued"] == status.counts["running"] == 0
+    assert status.eta_s == 0.0
+    payload = status.as_dict()
+    assert payload["done"] is True
+    assert payload["total"] == 13
+    assert payload["counts"] == status.counts
+
+
+def test_empty_dataset_has_all_six_states_at_zero(engine: Engine) -> None:
+    now = utcnow()
+    _add_dataset(engine, "empty", [], now)
+    status = dataset_status(engine, "empty", now=now)
+    assert status.counts == {s.value: 0 for s in JobStatus}
+    assert status.images_per_s == 0.0
+
+
+def test_counts_are_per_dataset(engine: Engine) -> None:
+    now = utcnow()
+    _add_dataset(engine, "a", [JobStatus.PENDING] * 2, now)
+    _add_dataset(engine, "b", [JobStatus.QUEUED] * 5, now)
+    assert dataset_status(engine, "a", now=now).counts["pending"] == 2
+    assert dataset_status(engine, "a", now=now).counts["queued"] == 0
+    assert dataset_status(engine, "b", now=now).total == 5
+    assert [s.name for s in all_statuses(engine)] == ["a", "b"]
+
+
+def test_unknown_dataset(engine: Engine) -> None:
+    with pytest.raises(UnknownDataset, match="'missing'"):
+        dataset_status(engine, "missing")
+    with pytest.raises(UnknownDataset):
+        list_jobs(engine, "missing")
+    with pytest.raises(UnknownDataset):
+        dataset_id(engine, "missing")
+
+
+def test_list_jobs_filters_by_state(engine: Engine) -> None:
+    _add_dataset(engine, "d", LAYOUT, utcnow())
+    pending = list_jobs(engine, "d", state="pending")
+    assert [j.status for j in pending] == ["pending"] * 3
+    assert [j.source_line for j in pending] == [1, 2, 3]  # file order
+    failed = list_jobs(engine, "d", state="failed")
+    assert len(failed) == 1
+    assert failed[0].error == "boom"
+    succeeded = list_jobs(engine, "d", state="succeeded")
+    assert len(succeeded) == 5
+    assert all(j.output_uri and j.output_uri.endswith(".png") for j in succeeded)
+    assert list_jobs(engine, "d", state="nonsense") == []
+
+
+def test_list_jobs_all_states_in_file_order_with_limit(engine: Engine) -> None:
+    _add_dataset(engine, "d", LAYOUT, utcnow())
+    every = list_jobs(engine, "d")
+    assert [j.source_line for j in every] == list(range(1, 14))
+    assert [j.status for j in every] == [s.value for s in LAYOUT]
+    assert [j.source_line for j in list_jobs(engine, "d", limit=4)] == [1, 2, 3, 4]
