@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -28,6 +29,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 5,
         "broker_transport_options": transport_options(settings),
+        "broker_use_ssl": _broker_tls(settings.broker_url),
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "enable_utc": True,
@@ -45,6 +47,13 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         # kombu hands these to create_engine: wait on SQLite's lock instead of failing.
         return {"connect_args": {"timeout": 30}} if "sqlite" in scheme else {}
     return {}
+
+
+def _broker_tls(url: str) -> dict[str, Any] | None:
+    """rediss:// verifies the server's certificate unless the URL says otherwise (ssl_cert_reqs=...)."""
+    if url.startswith("rediss://") and "ssl_cert_reqs" not in url:
+        return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return None
 
 
 def make_celery(settings: Settings, name: str = "farm") -> Celery:
