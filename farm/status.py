@@ -81,23 +81,28 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
         grouped = conn.execute(
             select(Job.status, func.count()).where(Job.dataset_id == ds_id).group_by(Job.status)
         ).all()
-        recent, first = conn.execute(
-            select(func.count(), func.min(Job.finished_at)).where(
+        recent, first, last = conn.execute(
+            select(func.count(), func.min(Job.finished_at), func.max(Job.finished_at)).where(
                 Job.dataset_id == ds_id, Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED.value
             )
         ).one()
     counts = {s.value: 0 for s in JobStatus}
     counts.update({status: int(n) for status, n in grouped})
+    remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
     rate = 0.0
     if recent and first is not None:
-        first_at = first if isinstance(first, datetime) else datetime.fromisoformat(str(first))
-        if first_at.tzinfo is None:
-            first_at = first_at.replace(tzinfo=now.tzinfo)
-        span = max((now - first_at).total_seconds(), 1.0)
+        # While work remains the window runs to now (a stalled farm shows its rate falling); once
+        # everything is finished it ends at the last image, so a finished run keeps its real rate.
+        end = _aware(last, now) if remaining == 0 and last is not None else now
+        span = max((end - _aware(first, now)).total_seconds(), 1.0)
         rate = recent / span
-    remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
     eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
     return DatasetStatus(name, counts, rate, eta)
+
+
+def _aware(value: object, now: datetime) -> datetime:
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=now.tzinfo)
 
 
 def all_statuses(engine: Engine) -> list[DatasetStatus]:

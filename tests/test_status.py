@@ -178,3 +178,14 @@ def test_list_jobs_all_states_in_file_order_with_limit(engine: Engine) -> None:
     assert [j.source_line for j in every] == list(range(1, 14))
     assert [j.status for j in every] == [s.value for s in LAYOUT]
     assert [j.source_line for j in list_jobs(engine, "d", limit=4)] == [1, 2, 3, 4]
+
+
+def test_a_finished_dataset_keeps_its_rate_after_the_run(engine: Engine) -> None:
+    """Once nothing remains, the rate spans first to last image, not first image to now."""
+    now = utcnow()
+    _add_dataset(engine, "done", [JobStatus.SUCCEEDED] * 4, now)  # finished 60, 45, 30 and 15 s ago
+    finished = dataset_status(engine, "done", now=now)
+    later = dataset_status(engine, "done", now=now + timedelta(seconds=50))
+    assert finished.done and finished.eta_s == 0.0
+    assert finished.images_per_s == pytest.approx(4 / 45)
+    assert later.images_per_s == pytest.approx(4 / 45)

@@ -1,0 +1,56 @@
+"""Job store: migrations match the models, the embedded default upgrades itself, production is told."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from farm.db import current_revision, ensure_schema, head_revision, make_engine, normalize_url
+from farm.errors import ConfigError
+from farm.schema import Base
+from tests.support.processes import farm_env, run_farm
+from tests.support.s3 import free_port
+
+
+def test_the_migration_creates_exactly_the_models_schema_on_sqlite(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(engine, auto_upgrade=True)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    assert current_revision(engine) == head_revision()
+
+
+@pytest.mark.integration
+def test_the_migration_creates_exactly_the_models_schema_on_postgresql(pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    indexes = {ix["name"] for ix in inspect(engine).get_indexes("jobs")}
+    assert {"ix_jobs_dataset_status", "ix_jobs_dataset_finished", "ix_jobs_status_created"} <= indexes
+
+
+def test_production_database_behind_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'prod.db'}")
+    with pytest.raises(ConfigError, match="run `farm db upgrade`"):
+        ensure_schema(engine, auto_upgrade=False)
+
+
+def test_postgres_spellings_use_psycopg3() -> None:
+    assert normalize_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_unreachable_database_is_a_plain_error_without_the_password(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://farm:sup3r-secret@127.0.0.1:{free_port()}/farm"
+    result = run_farm(["status"], farm_env(FARM_HOME=str(tmp_path), FARM_DATABASE_URL=url))
+    assert result.returncode == 1
+    assert "cannot reach the job database" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "sup3r-secret" not in result.stdout + result.stderr
