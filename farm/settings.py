@@ -31,7 +31,7 @@ class Settings:
     queue: str = "render"
     max_attempts: int = 3
     lease_s: int = 600
-    batch_size: int = 4
+    batch_size: int = 8
     retry_backoff_s: int = 2
     retry_backoff_max_s: int = 60
     device: str = "auto"

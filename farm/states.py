@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
 from farm.schema import UNFINISHED, Job, JobStatus, utcnow
@@ -34,13 +34,20 @@ class Claimed:
     attempts: int
 
 
+def _id_in(conn: Connection, job_ids: Sequence[str]) -> ColumnElement[bool]:
+    """`id IN (…)`; on PostgreSQL one array parameter, which parses far faster than thousands of them."""
+    if conn.dialect.name == "postgresql":
+        return Job.id == any_(bindparam(None, list(job_ids), type_=ARRAY(String)))
+    return Job.id.in_(list(job_ids))
+
+
 def mark_queued(conn: Connection, job_ids: Sequence[str]) -> int:
     """pending → queued, once their task message is on the broker."""
     moved = 0
     for chunk in _chunks(job_ids):
         result = conn.execute(
             update(Job)
-            .where(Job.id.in_(chunk), Job.status == JobStatus.PENDING.value)
+            .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value)
             .values(status=JobStatus.QUEUED.value)
         )
         moved += result.rowcount
@@ -57,7 +64,7 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
     """
     now = utcnow()
     claimable = and_(
-        Job.id.in_(list(job_ids)),
+        _id_in(conn, job_ids),
         Job.attempts < max_attempts,
         or_(
             Job.status.in_([JobStatus.PENDING.value, JobStatus.QUEUED.value]),
@@ -150,7 +157,7 @@ def mark_pending(conn: Connection, job_ids: Sequence[str]) -> int:
     for chunk in _chunks(job_ids):
         result = conn.execute(
             update(Job)
-            .where(Job.id.in_(chunk), Job.status == JobStatus.QUEUED.value)
+            .where(_id_in(conn, chunk), Job.status == JobStatus.QUEUED.value)
             .values(status=JobStatus.PENDING.value)
         )
         moved += result.rowcount
@@ -165,7 +172,7 @@ def cancel(conn: Connection, *, dataset_id: int | None = None, job_ids: Sequence
         return conn.execute(update(Job).where(Job.dataset_id == dataset_id, unfinished).values(**values)).rowcount
     moved = 0
     for chunk in _chunks(job_ids):
-        moved += conn.execute(update(Job).where(Job.id.in_(chunk), unfinished).values(**values)).rowcount
+        moved += conn.execute(update(Job).where(_id_in(conn, chunk), unfinished).values(**values)).rowcount
     return moved
 
 

@@ -36,7 +36,7 @@ def test_defaults_live_under_farm_home(tmp_path: Path) -> None:
     assert s.embedded
     assert s.models_dir == home / "models"
     assert s.default_model == "tiny"
-    assert (s.max_attempts, s.lease_s, s.batch_size) == (3, 600, 4)
+    assert (s.max_attempts, s.lease_s, s.batch_size) == (3, 600, 8)
 
 
 def test_default_home_is_dot_farm_in_the_working_directory() -> None:
@@ -48,13 +48,13 @@ def test_default_home_is_dot_farm_in_the_working_directory() -> None:
 def test_env_overrides_toml_which_overrides_defaults(tmp_path: Path) -> None:
     config = _toml(
         tmp_path,
-        'lease_s = 120\nbatch_size = 8\nqueue = "from-toml"\ndefault_model = "pixart-lcm-1024"\n',
+        'lease_s = 120\nbatch_size = 6\nqueue = "from-toml"\ndefault_model = "pixart-lcm-1024"\n',
     )
     env = {"FARM_HOME": str(tmp_path / "h"), "FARM_LEASE_S": "90", "FARM_QUEUE": "from-env"}
     s = load_settings(env, config_file=config)
     assert s.lease_s == 90  # env beats toml
     assert s.queue == "from-env"
-    assert s.batch_size == 8  # toml beats default (4)
+    assert s.batch_size == 6  # toml beats default (8)
     assert s.default_model == "pixart-lcm-1024"
     assert s.max_attempts == 3  # default untouched
 
