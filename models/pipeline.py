@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from diffusers import PixArtAlphaPipeline
     from PIL import Image
 
+    from models.caches import PromptEmbeddingCache
+    from models.controlnet import PixArtControlNetAdapter
+
 # The pipeline's aspect-ratio bins exist only for these latent sizes (256, 512 and 1024 px models);
 # any other sample_size raises "Invalid sample size" when binning is on.
 _BINNED_SAMPLE_SIZES = frozenset({32, 64, 128})
@@ -76,8 +79,12 @@ def load_pipeline(
     device: str = "auto",
     dtype: str = "auto",
     local_files_only: bool = False,
+    with_text_encoder: bool = True,
 ) -> PixArtAlphaPipeline:
-    """Load a PixArtAlphaPipeline from a folder or hub id, with the PixArt LCM scheduler, on `device`."""
+    """Load a PixArtAlphaPipeline from a folder or hub id, with the PixArt LCM scheduler, on `device`.
+
+    with_text_encoder=False skips T5 (step 3 of the 8 GB recipe): render from precomputed prompt embeddings.
+    """
     from diffusers import PixArtAlphaPipeline
 
     resolved_device = resolve_device(device)
@@ -91,7 +98,10 @@ def load_pipeline(
 
     try:
         # diffusers 0.42 deprecates `torch_dtype=` (FutureWarning, removal in 1.0) in favour of `dtype=`.
-        pipe = PixArtAlphaPipeline.from_pretrained(location, dtype=torch_dtype, local_files_only=local_files_only)
+        extra: dict[str, Any] = {} if with_text_encoder else {"text_encoder": None}
+        pipe = PixArtAlphaPipeline.from_pretrained(
+            location, dtype=torch_dtype, local_files_only=local_files_only, **extra
+        )
     except Exception as exc:
         # from_pretrained fails with ValueError, OSError, hub/httpx errors, safetensors errors and more
         # depending on what is wrong; callers (workers) need one type to tell "bad model" from a bug.
@@ -110,6 +120,23 @@ def load_pipeline(
 def uses_resolution_binning(pipe: PixArtAlphaPipeline) -> bool:
     """Return True when the transformer's sample size has aspect-ratio bins (256/512/1024 px models)."""
     return pipe.transformer.config.sample_size in _BINNED_SAMPLE_SIZES
+
+
+def render_size(pipe: PixArtAlphaPipeline, width: int, height: int) -> tuple[int, int]:
+    """Return the (width, height) the pipeline denoises at: the aspect-ratio bin when binning is on."""
+    if not uses_resolution_binning(pipe):
+        return width, height
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+        ASPECT_RATIO_256_BIN,
+        ASPECT_RATIO_512_BIN,
+        ASPECT_RATIO_1024_BIN,
+    )
+
+    bins = {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN, 128: ASPECT_RATIO_1024_BIN}
+    binned_height, binned_width = pipe.image_processor.classify_height_width_bin(
+        height, width, ratios=bins[pipe.transformer.config.sample_size]
+    )
+    return binned_width, binned_height
 
 
 def make_generator(pipe: PixArtAlphaPipeline, seed: int) -> torch.Generator:
@@ -147,3 +174,121 @@ def render(pipe: PixArtAlphaPipeline, request: RenderRequest) -> Image.Image:
     with torch.inference_mode():
         output = pipe(**kwargs)
     return output.images[0]
+
+
+def check_batchable(requests: list[RenderRequest]) -> None:
+    """One pipeline call renders one size with one sampler setting; raise ValueError otherwise."""
+    if not requests:
+        raise ValueError("render_batch needs at least one request")
+    first = requests[0]
+    for other in requests[1:]:
+        same = (other.width, other.height, other.num_inference_steps, other.guidance_scale) == (
+            first.width,
+            first.height,
+            first.num_inference_steps,
+            first.guidance_scale,
+        )
+        if not same:
+            raise ValueError(
+                "requests in one batch must share width, height, num_inference_steps and guidance_scale; "
+                f"got {first} and {other}"
+            )
+
+
+def render_batch(
+    pipe: PixArtAlphaPipeline,
+    requests: list[RenderRequest],
+    *,
+    controlnet: PixArtControlNetAdapter | None = None,
+    conditions: list[torch.Tensor] | None = None,
+    conditioning_scale: float = 1.0,
+    prompt_cache: PromptEmbeddingCache | None = None,
+    model_key: str | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    prompt_attention_mask: torch.Tensor | None = None,
+    output_type: str = "pil",
+) -> list[Any]:
+    """Render compatible requests in one pipeline call, each image with its own seeded generator.
+
+    Each image's initial noise comes from its own generator, so it is the same noise as rendering it alone;
+    the pixels can still differ by one level in a few places, because matrix kernels round differently
+    for different batch sizes (measured in BENCHMARKS.md, checked in tests).
+
+    Optional: `controlnet` with one condition latent per request (encoded at render_size()); a
+    `prompt_cache` (T5 runs once per distinct prompt); or precomputed `prompt_embeds` + mask (8 GB recipe).
+    """
+    import torch
+
+    check_batchable(requests)
+    first = requests[0]
+    kwargs = render_kwargs(pipe, first)
+    kwargs["output_type"] = output_type
+    kwargs["generator"] = [make_generator(pipe, r.seed) for r in requests]
+    kwargs.update(_prompt_kwargs(pipe, requests, prompt_cache, model_key, prompt_embeds, prompt_attention_mask))
+    with torch.inference_mode():
+        if controlnet is None:
+            if conditions is not None:
+                raise ValueError("conditions were given without a controlnet")
+            output = pipe(**kwargs)
+        else:
+            from models.controlnet import controlled_pipeline
+
+            cond = _stack_conditions(pipe, requests, conditions)
+            output = controlled_pipeline(pipe, controlnet, cond, conditioning_scale)(**kwargs)
+    return list(output.images)
+
+
+def _prompt_kwargs(
+    pipe: PixArtAlphaPipeline,
+    requests: list[RenderRequest],
+    prompt_cache: PromptEmbeddingCache | None,
+    model_key: str | None,
+    prompt_embeds: torch.Tensor | None,
+    prompt_attention_mask: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Return the pipeline's prompt arguments: text, cached embeddings or the caller's embeddings."""
+    prompts = [r.prompt for r in requests]
+    cfg = requests[0].guidance_scale > 1
+    if prompt_embeds is not None:
+        if prompt_attention_mask is None or prompt_embeds.shape[0] != len(requests):
+            raise ValueError("prompt_embeds needs prompt_attention_mask and one row per request")
+        if cfg:
+            raise ValueError("precomputed prompt embeddings are for guidance_scale <= 1 (LCM); got CFG")
+        return {
+            "prompt": None,
+            "negative_prompt": None,
+            "prompt_embeds": prompt_embeds,
+            "prompt_attention_mask": prompt_attention_mask,
+        }
+    if prompt_cache is None:
+        return {"prompt": prompts}
+    embeds, mask = prompt_cache.embed(pipe, prompts, model_key=model_key)
+    extra: dict[str, Any] = {}
+    if cfg:
+        # PixArt's negative prompt is ""; cache its embedding like any other prompt.
+        neg_embeds, neg_mask = prompt_cache.embed(pipe, [""], model_key=model_key)
+        extra = {
+            "negative_prompt_embeds": neg_embeds.expand_as(embeds),
+            "negative_prompt_attention_mask": neg_mask.expand_as(mask),
+        }
+    return {"prompt": None, "negative_prompt": None, "prompt_embeds": embeds, "prompt_attention_mask": mask, **extra}
+
+
+def _stack_conditions(
+    pipe: PixArtAlphaPipeline, requests: list[RenderRequest], conditions: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """Stack one 1×C×h×w condition latent per request, checking it matches the size the pipeline renders."""
+    import torch
+
+    if conditions is None or len(conditions) != len(requests):
+        got = "none" if conditions is None else len(conditions)
+        raise ValueError(f"a controlled batch needs one condition per request: {len(requests)} requests, {got}")
+    width, height = render_size(pipe, requests[0].width, requests[0].height)
+    expected = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    for index, cond in enumerate(conditions):
+        if tuple(cond.shape[-2:]) != expected:
+            raise ValueError(
+                f"condition {index} is {tuple(cond.shape[-2:])} latents but the pipeline renders {expected}; "
+                f"encode it at {width}x{height}"
+            )
+    return torch.cat([c if c.ndim == 4 else c[None] for c in conditions])
