@@ -1,0 +1,770 @@
+"""GPU benchmark: the full PixArt-δ 1024 architecture with random weights, fp16 and the 8-bit-T5 low-memory recipe.
+
+    python benchmarks/gpu_bench.py --out results.json            # on a CUDA machine, a few minutes
+    python benchmarks/gpu_bench.py --quick --out results.json    # fewer repetitions
+    python benchmarks/gpu_bench.py --dry-run-cpu                 # same code path, tiny widths, on the CPU
+
+Nothing is downloaded. The models are built from their configurations with random weights directly on the GPU in
+fp16 (PixArt-XL-2 at 1024: 28 blocks, 16 heads × 72; the T5-XXL encoder; Stable Diffusion's VAE), the
+scheduler is LCM with PixArt's noise schedule and the tokenizer is the farm's offline tiny T5 tokenizer: every
+prompt is padded to 120 tokens, as PixArt's T5 inputs are, so the text encoder does the real amount of work.
+Random weights cost what trained ones do; the images are noise.
+
+Configurations, each at 1024×1024, 4 LCM steps, guidance 0:
+  (a) fp16: T5, transformer and VAE resident in fp16, prompts in, images out, at batch 1 and batch 8.
+  (b) int8 recipe: the fp16 T5 is saved to a temporary folder and loaded back 8-bit through
+      transformers.BitsAndBytesConfig(load_in_8bit=True); prompts are encoded; the encoder is freed; the
+      transformer and VAE are put on the GPU and render from prompt_embeds + prompt_attention_mask with
+      text_encoder=None. Encode and render phases are timed and their memory peaks taken separately; the
+      recipe's peak is the larger of the two.
+Peak memory is torch.cuda.max_memory_allocated (and max_memory_reserved), reset before each configuration; the
+CUDA context (a few hundred MB) is not included. An out-of-memory error is recorded and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Never reach for a hub: every component is built from its configuration here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Run as `python benchmarks/gpu_bench.py` from anywhere: the repository root holds the `models` package.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+GIB = 1024**3
+TARGET_S_PER_IMAGE_BATCH1 = 0.5  # issue 4: ≤ 0.5 s per 1024px image at batch 1
+TARGET_PEAK_BYTES_INT8 = 8 * GIB  # issue 4: peak ≤ 8 GB in the 8-bit low-memory mode
+
+PROMPTS = [
+    "a photo of a cat sitting on a chair near a window, soft light, highly detailed",
+    "a watercolor painting of a mountain lake at sunrise with fog over the water",
+    "a red car on a city street at night, rain, cinematic lighting, sharp focus",
+    "a portrait of an old man wearing a hat, oil painting, warm colors",
+    "a castle on a hill above a forest, digital art, dramatic clouds in the sky",
+    "a cute robot holding a flower in a garden, cartoon style, bright colors",
+    "a boat on the sea under a full moon, dark blue sky, photorealistic",
+    "a dog running on the beach at sunset, wide shot, golden light",
+]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Model sizes. FULL is PixArt-δ 1024 as released; DRY keeps its structure at tiny widths for a CPU check."""
+
+    name: str
+    # PixArtTransformer2DModel (PixArt-XL-2)
+    layers: int
+    heads: int
+    head_dim: int
+    sample_size: int  # latent side; 128 → 1024 px, the only size with micro-conditions and 1024 bins
+    # T5 encoder (T5 v1.1 XXL)
+    t5_d_model: int
+    t5_d_ff: int
+    t5_layers: int
+    t5_heads: int
+    t5_d_kv: int
+    t5_vocab: int
+    # AutoencoderKL (Stable Diffusion's VAE)
+    vae_channels: tuple[int, ...]
+    vae_norm_groups: int
+    # What to run
+    batch_sizes: tuple[int, ...] = (1, 8)
+    image_size: int = field(default=0)  # 0: the native size, sample_size × the VAE factor
+    resolution_binning: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.image_size or self.sample_size * 2 ** (len(self.vae_channels) - 1)
+
+
+FULL = Spec(
+    name="pixart-delta-1024 (PixArt-XL-2 + T5-XXL encoder + SD VAE)",
+    layers=28,
+    heads=16,
+    head_dim=72,
+    sample_size=128,
+    t5_d_model=4096,
+    t5_d_ff=10240,
+    # google/t5-v1_1-xxl (PixArt's encoder) has 24 layers with 64 heads of 64: ≈4.7B parameters in the encoder.
+    t5_layers=24,
+    t5_heads=64,
+    t5_d_kv=64,
+    t5_vocab=32128,
+    vae_channels=(128, 256, 512, 512),
+    vae_norm_groups=32,
+)
+
+# Same classes and code path (sample_size 128 with resolution/aspect micro-conditions, 120-token T5 inputs, 8-bit
+# T5 through bitsandbytes, batch 1 and 8), widths cut about 16×, 2 layers. It renders 256×256 with binning off:
+# at 1024×1024 the VAE decode alone takes seconds per image on a small CPU.
+DRY = Spec(
+    name="dry-run-cpu (PixArt-δ structure at ~1/16 width)",
+    layers=2,
+    heads=2,
+    head_dim=36,
+    sample_size=128,
+    t5_d_model=256,
+    t5_d_ff=640,
+    t5_layers=2,
+    t5_heads=4,
+    t5_d_kv=64,
+    t5_vocab=32128,
+    vae_channels=(8, 16, 32, 32),
+    vae_norm_groups=8,
+    image_size=256,
+    resolution_binning=False,
+)
+
+
+@dataclass
+class Reps:
+    warmup: int
+    batch1: int
+    batched: int
+
+    def timed(self, batch: int) -> int:
+        return self.batch1 if batch == 1 else self.batched
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the models
+
+
+@contextlib.contextmanager
+def _default_device_and_dtype(device: str, dtype: Any) -> Iterator[None]:
+    """Create parameters directly on `device` in `dtype`: default init on a GPU takes seconds even for 4.7B."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_components(spec: Spec, device: str, dtype: Any) -> dict[str, Any]:
+    """Build tokenizer, T5 encoder, transformer, VAE and scheduler with random weights on `device`."""
+    import torch
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from models.scheduler import pixart_lcm_scheduler
+    from models.tiny import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()  # ids fit any T5 vocabulary; prompts are padded to 120 tokens
+    t5_config = T5Config(
+        vocab_size=spec.t5_vocab,
+        d_model=spec.t5_d_model,
+        d_kv=spec.t5_d_kv,
+        num_heads=spec.t5_heads,
+        num_layers=spec.t5_layers,
+        d_ff=spec.t5_d_ff,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    width = spec.heads * spec.head_dim
+    with _default_device_and_dtype(device, dtype):
+        text_encoder = T5EncoderModel(t5_config)
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=spec.heads,
+            attention_head_dim=spec.head_dim,
+            in_channels=4,
+            out_channels=8,
+            num_layers=spec.layers,
+            cross_attention_dim=width,
+            caption_channels=spec.t5_d_model,
+            sample_size=spec.sample_size,
+            patch_size=2,
+            norm_type="ada_norm_single",
+            use_additional_conditions=spec.sample_size == 128,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            block_out_channels=spec.vae_channels,
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=spec.vae_norm_groups,
+            sample_size=spec.size,
+            scaling_factor=0.18215,
+        )
+    # Buffers made from numpy (positional embeddings) were created on the CPU in fp32; move everything.
+    text_encoder = text_encoder.to(device=device, dtype=dtype).eval()
+    transformer = transformer.to(device=device, dtype=dtype).eval()
+    vae = vae.to(device=device, dtype=dtype).eval()
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": pixart_lcm_scheduler(),
+    }
+
+
+def param_count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def free_memory(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    free_memory(device)
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device: str) -> dict[str, int | None]:
+    import torch
+
+    if not is_cuda(device):
+        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
+    torch.cuda.synchronize()
+    return {
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+    }
+
+
+def time_calls(fn: Callable[[], Any], device: str, warmup: int, reps: int) -> tuple[list[float], Any]:
+    """Run `fn` warmup times untimed, then `reps` times timed with device synchronisation; return times, last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def generators(device: str, batch: int) -> list[Any]:
+    import torch
+
+    gen_device = "cuda" if is_cuda(device) else "cpu"
+    return [torch.Generator(device=gen_device).manual_seed(seed) for seed in range(batch)]
+
+
+def pipe_kwargs(spec: Spec, device: str, batch: int) -> dict[str, Any]:
+    return {
+        "num_inference_steps": 4,
+        "guidance_scale": 0.0,
+        "height": spec.size,
+        "width": spec.size,
+        "generator": generators(device, batch),
+        "use_resolution_binning": spec.resolution_binning,
+        "clean_caption": False,
+        "max_sequence_length": 120,
+        "output_type": "pil",
+    }
+
+
+def timing_row(times: list[float], batch: int) -> dict[str, Any]:
+    per_call = statistics.median(times)
+    return {
+        "batch": batch,
+        "reps": len(times),
+        "s_per_call_all": [round(t, 4) for t in times],
+        "s_per_call": per_call,
+        "s_per_image": per_call / batch,
+        "images_per_s": batch / per_call,
+    }
+
+
+def guarded(label: str, device: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one configuration; an out-of-memory error (or any other failure) is recorded, not fatal."""
+    try:
+        result = fn()
+        result.setdefault("status", "ok")
+        return result
+    except Exception as exc:
+        status = "oom" if is_oom(exc) else "error"
+        print(f"[{label}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+        if status == "error":
+            traceback.print_exc()
+        record = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000], **peak(device)}
+        free_memory(device)
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) fp16: everything resident
+
+
+def bench_fp16(spec: Spec, components: dict[str, Any], device: str, reps: Reps) -> dict[str, Any]:
+    import torch
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    results: dict[str, Any] = {}
+
+    def encode_only() -> dict[str, Any]:
+        reset_peak(device)
+        with torch.inference_mode():
+            times, out = time_calls(
+                lambda: pipe.encode_prompt(
+                    PROMPTS[:1], do_classifier_free_guidance=False, device=device, max_sequence_length=120
+                ),
+                device,
+                reps.warmup,
+                reps.batch1,
+            )
+        embeds, mask = out[0], out[1]
+        return {
+            **timing_row(times, 1),
+            "prompt_embeds_shape": list(embeds.shape),
+            "prompt_attention_mask_shape": list(mask.shape),
+            **peak(device),
+        }
+
+    results["t5_encode_batch_1"] = guarded("fp16 T5 encode", device, encode_only)
+
+    for batch in spec.batch_sizes:
+
+        def run(batch: int = batch) -> dict[str, Any]:
+            reset_peak(device)
+            prompts = PROMPTS[:batch]
+            with torch.inference_mode():
+                times, out = time_calls(
+                    lambda: pipe(prompt=prompts, **pipe_kwargs(spec, device, batch)),
+                    device,
+                    reps.warmup,
+                    reps.timed(batch),
+                )
+            sizes = {image.size for image in out.images}
+            return {**timing_row(times, batch), "image_sizes": sorted(sizes), **peak(device)}
+
+        results[f"batch_{batch}"] = guarded(f"fp16 batch {batch}", device, run)
+        print(f"[fp16] batch {batch}: {short(results[f'batch_{batch}'])}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) the 8-bit-T5 low-memory recipe
+
+
+def int8_breakdown(text_encoder: Any) -> dict[str, Any]:
+    """Which of the 8-bit T5's weights are int8 and which stayed wider (transformers keeps T5's `wo` in fp32)."""
+    import torch
+
+    int8 = wider = 0
+    wider_names: set[str] = set()
+    for name, param in text_encoder.named_parameters():
+        nbytes = param.numel() * param.element_size()
+        if param.dtype == torch.int8:
+            int8 += nbytes
+        else:
+            wider += nbytes
+            if param.dim() == 2:
+                wider_names.add(f"{name.rsplit('.', 2)[-2]}:{param.dtype}".replace("torch.", ""))
+    return {
+        "memory_footprint_bytes": int(text_encoder.get_memory_footprint()),
+        "int8_weight_bytes": int8,
+        "non_int8_weight_bytes": wider,
+        "non_int8_matrices": sorted(wider_names),
+        "keep_in_fp32_modules": sorted(getattr(text_encoder, "_keep_in_fp32_modules", None) or []),
+    }
+
+
+def bench_int8(
+    spec: Spec, components: dict[str, Any], device: str, dtype: Any, reps: Reps, tmp_root: str | None
+) -> dict[str, Any]:
+    import torch
+    from diffusers import PixArtAlphaPipeline
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    results: dict[str, Any] = {"encode": {}, "render": {}}
+    transformer, vae, tokenizer, scheduler = (
+        components["transformer"],
+        components["vae"],
+        components["tokenizer"],
+        components["scheduler"],
+    )
+    folder = tempfile.mkdtemp(prefix="pixart-t5-", dir=tmp_root)
+    try:
+        # The random fp16 T5 goes to disk and comes back 8-bit, exactly as the recipe loads a checkpoint.
+        start = time.perf_counter()
+        components["text_encoder"].save_pretrained(folder)
+        results["t5_save_s"] = time.perf_counter() - start
+        components["text_encoder"] = None  # the caller's reference too: nothing fp16 of T5 stays on the GPU
+        # The transformer and VAE wait off the GPU while the encoder runs, as when loaded afterwards.
+        transformer.to("cpu")
+        vae.to("cpu")
+        free_memory(device)
+
+        # Phase 1: encode with the 8-bit T5.
+        reset_peak(device)
+        start = time.perf_counter()
+        text_encoder = T5EncoderModel.from_pretrained(
+            folder,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            dtype=dtype,
+            device_map={"": torch.cuda.current_device() if is_cuda(device) else "cpu"},
+        ).eval()
+        sync(device)
+        results["t5_int8_load_s"] = time.perf_counter() - start
+        results["t5_int8"] = int8_breakdown(text_encoder)
+        results["encode"]["load"] = peak(device)
+        encoder_pipe = PixArtAlphaPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=None, vae=None, scheduler=scheduler
+        )
+        embeds: dict[int, tuple[Any, Any]] = {}
+        for batch in spec.batch_sizes:
+
+            def encode(batch: int = batch) -> dict[str, Any]:
+                # Batch 1's peak includes loading the encoder: the phase's whole peak. Larger batches reset.
+                if batch != spec.batch_sizes[0]:
+                    reset_peak(device)
+                with torch.inference_mode():
+                    times, out = time_calls(
+                        lambda: encoder_pipe.encode_prompt(
+                            PROMPTS[:batch], do_classifier_free_guidance=False, device=device, max_sequence_length=120
+                        ),
+                        device,
+                        reps.warmup,
+                        reps.timed(batch),
+                    )
+                embeds[batch] = (out[0].to(dtype), out[1])
+                return {**timing_row(times, batch), "prompt_embeds_shape": list(out[0].shape), **peak(device)}
+
+            results["encode"][f"batch_{batch}"] = guarded(f"int8 encode batch {batch}", device, encode)
+            print(f"[int8 encode] batch {batch}: {short(results['encode'][f'batch_{batch}'])}", flush=True)
+        # Drop every reference so the 8-bit encoder's memory goes back before the render phase.
+        encoder_pipe = text_encoder = None
+        free_memory(device)
+        results["after_free_allocated_bytes"] = int(torch.cuda.memory_allocated()) if is_cuda(device) else None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # Phase 2: render from embeddings with text_encoder=None.
+    for batch in spec.batch_sizes:
+
+        def render(batch: int = batch) -> dict[str, Any]:
+            if batch not in embeds:
+                raise RuntimeError(f"no prompt embeddings for batch {batch}: the encode phase failed")
+            # Batch 1's peak includes putting the transformer and VAE on the GPU.
+            reset_peak(device)
+            transformer.to(device)
+            vae.to(device)
+            pipe = PixArtAlphaPipeline(
+                tokenizer=tokenizer, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler
+            )
+            pipe.set_progress_bar_config(disable=True)
+            prompt_embeds, mask = embeds[batch]
+            with torch.inference_mode():
+                times, out = time_calls(
+                    lambda: pipe(
+                        prompt=None,
+                        negative_prompt=None,
+                        prompt_embeds=prompt_embeds,
+                        prompt_attention_mask=mask,
+                        **pipe_kwargs(spec, device, batch),
+                    ),
+                    device,
+                    reps.warmup,
+                    reps.timed(batch),
+                )
+            sizes = {image.size for image in out.images}
+            return {**timing_row(times, batch), "image_sizes": sorted(sizes), **peak(device)}
+
+        results["render"][f"batch_{batch}"] = guarded(f"int8 recipe render batch {batch}", device, render)
+        print(f"[int8 render] batch {batch}: {short(results['render'][f'batch_{batch}'])}", flush=True)
+
+    # The recipe as a whole: encode then render, per image; its peak is the larger phase peak.
+    for batch in spec.batch_sizes:
+        enc, ren = results["encode"].get(f"batch_{batch}", {}), results["render"].get(f"batch_{batch}", {})
+        total: dict[str, Any] = {"batch": batch}
+        if enc.get("status") == "ok" and ren.get("status") == "ok":
+            total["status"] = "ok"
+            total["s_per_image"] = enc["s_per_image"] + ren["s_per_image"]
+            total["images_per_s"] = 1 / total["s_per_image"]
+        else:
+            total["status"] = "incomplete"
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
+            values = [v for v in (enc.get(key), ren.get(key)) if v is not None]
+            total[key] = max(values) if values else None
+        results[f"recipe_batch_{batch}"] = total
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def short(row: dict[str, Any]) -> str:
+    if row.get("status") != "ok":
+        return row.get("status", "?") + " " + row.get("error", "")[:120]
+    return f"{row['s_per_image']:.4f} s/image, peak alloc {gib(row.get('peak_allocated_bytes'))} GiB"
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    fp16 = report["results"].get("fp16", {})
+    int8 = report["results"].get("int8_t5", {})
+    # The "fp16" configuration runs in fp32 on the CPU dry run; say which.
+    dt = report["dtype"].replace("float", "fp")
+    named = [(f"{dt} T5 encode only", fp16.get("t5_encode_batch_1"))]
+    named += [(f"{dt} all resident, b{b}", fp16.get(f"batch_{b}")) for b in report["spec"]["batch_sizes"]]
+    for b in report["spec"]["batch_sizes"]:
+        named += [
+            (f"int8 T5 encode, b{b}", int8.get("encode", {}).get(f"batch_{b}")),
+            (f"int8 recipe render, b{b}", int8.get("render", {}).get(f"batch_{b}")),
+            (f"int8 recipe total, b{b}", int8.get(f"recipe_batch_{b}")),
+        ]
+    for label, row in named:
+        if row is None:
+            continue
+        ok = row.get("status") == "ok"
+        rows.append(
+            (
+                label,
+                f"{row['s_per_image']:.4f}" if ok and "s_per_image" in row else "-",
+                f"{row['images_per_s']:.2f}" if ok and "images_per_s" in row else "-",
+                gib(row.get("peak_allocated_bytes")),
+                gib(row.get("peak_reserved_bytes")),
+                row.get("status", "?"),
+            )
+        )
+    return rows
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = ("configuration", "s/image", "images/s", "peak alloc GiB", "peak reserved GiB", "status")
+    rows = [header, *table_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    print()
+    spec = report["spec"]
+    binning = "on" if spec["resolution_binning"] else "off"
+    print(f"{spec['name']} on {report['device_name']}, {spec['size']}px (binning {binning}), 4 LCM steps, guidance 0")
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+    for line in report["targets"]["lines"]:
+        print(line)
+
+
+def evaluate_targets(report: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    fp16 = report["results"].get("fp16", {})
+    int8 = report["results"].get("int8_t5", {})
+    b1 = fp16.get("batch_1", {})
+    largest = max(report["spec"]["batch_sizes"])
+    bn = fp16.get(f"batch_{largest}", {})
+    recipe = int8.get("recipe_batch_1", {})
+    out: dict[str, Any] = {}
+    lines = ["Targets (issue 4)" + (" — not judged: CPU dry run with tiny widths" if dry_run else "") + ":"]
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None or dry_run else ("MET" if ok else "NOT MET")
+
+    ok1 = b1["s_per_image"] <= TARGET_S_PER_IMAGE_BATCH1 if b1.get("status") == "ok" else None
+    out["batch1_s_per_image_le_0.5"] = None if dry_run else ok1
+    lines.append(
+        f"  fp16 batch 1 ≤ {TARGET_S_PER_IMAGE_BATCH1} s/image: "
+        f"{b1.get('s_per_image', float('nan')):.4f} s → {verdict(ok1)}"
+    )
+    ok2 = bn["s_per_image"] < b1["s_per_image"] if b1.get("status") == "ok" and bn.get("status") == "ok" else None
+    out[f"batch{largest}_faster_per_image"] = None if dry_run else ok2
+    lines.append(
+        f"  fp16 batch {largest} per image < batch 1: {bn.get('s_per_image', float('nan')):.4f} s vs "
+        f"{b1.get('s_per_image', float('nan')):.4f} s → {verdict(ok2)}"
+    )
+    alloc, reserved = recipe.get("peak_allocated_bytes"), recipe.get("peak_reserved_bytes")
+    ok3 = reserved <= TARGET_PEAK_BYTES_INT8 if reserved is not None else None
+    out["int8_recipe_peak_le_8gib"] = None if dry_run else ok3
+    lines.append(
+        f"  int8 recipe peak ≤ 8 GiB (batch 1, max of encode and render phases, reserved): "
+        f"{gib(reserved)} GiB reserved / {gib(alloc)} GiB allocated → {verdict(ok3)}"
+    )
+    out["lines"] = lines
+    return out
+
+
+def environment(device: str) -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception as exc:  # recorded, the int8 configuration will fail and say why
+        env["bitsandbytes"] = f"unavailable: {exc}"
+    if is_cuda(device):
+        props = torch.cuda.get_device_properties(0)
+        env["gpu_name"] = torch.cuda.get_device_name(0)
+        env["gpu_total_memory_bytes"] = int(props.total_memory)
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, help="write every figure as JSON here")
+    parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed repetitions")
+    parser.add_argument(
+        "--dry-run-cpu", action="store_true", help="tiny widths, 2 layers, on the CPU: checks the script end to end"
+    )
+    parser.add_argument("--tmp-dir", help="where the fp16 T5 is saved for the 8-bit load (needs ~10 GB on a GPU run)")
+    parser.add_argument("--skip-int8", action="store_true", help="only the fp16 configuration")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    # Random weights can give NaN pixels; bitsandbytes logs a cast notice per int8 matmul on the CPU; diffusers
+    # warns about `.to(dtype)` on freshly built models. None of it is news in a benchmark.
+    warnings.filterwarnings("ignore", message=".*invalid value encountered in cast.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+    if args.dry_run_cpu:
+        spec, device, dtype = DRY, "cpu", torch.float32
+        reps = Reps(warmup=2, batch1=2, batched=1)
+    else:
+        if not torch.cuda.is_available():
+            print("No CUDA device: this benchmark needs a GPU. Use --dry-run-cpu to check the script here.")
+            return 2
+        spec, device, dtype = FULL, "cuda", torch.float16
+        reps = Reps(warmup=1, batch1=2, batched=1) if args.quick else Reps(warmup=2, batch1=5, batched=3)
+
+    started = time.perf_counter()
+    env = environment(device)
+    print(f"device: {env.get('gpu_name', 'cpu')}, torch {env['torch']}, diffusers {env['diffusers']}", flush=True)
+
+    start = time.perf_counter()
+    components = build_components(spec, device, dtype)
+    sync(device)
+    build_s = time.perf_counter() - start
+    params = {name: param_count(components[name]) for name in ("text_encoder", "transformer", "vae")}
+    print(f"built random-weight models in {build_s:.1f} s: {params}", flush=True)
+
+    spec_dict = {**asdict(spec), "size": spec.size}
+    report: dict[str, Any] = {
+        "benchmark": "benchmarks/gpu_bench.py",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "mode": "dry-run-cpu" if args.dry_run_cpu else ("quick" if args.quick else "full"),
+        "device": device,
+        "device_name": env.get("gpu_name", "cpu"),
+        "dtype": str(dtype).replace("torch.", ""),
+        "environment": env,
+        "spec": spec_dict,
+        "repetitions": asdict(reps),
+        "parameters": params,
+        "build_s": build_s,
+        "results": {},
+    }
+
+    report["results"]["fp16"] = bench_fp16(spec, components, device, reps)
+    if not args.skip_int8:
+        report["results"]["int8_t5"] = guarded(
+            "int8 recipe", device, lambda: bench_int8(spec, components, device, dtype, reps, args.tmp_dir)
+        )
+    report["targets"] = evaluate_targets(report, args.dry_run_cpu)
+    report["elapsed_s"] = time.perf_counter() - started
+    print_table(report)
+    print(f"\nelapsed {report['elapsed_s']:.1f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+    failed = [
+        label
+        for label, row in (
+            ("fp16 batch 1", report["results"]["fp16"].get("batch_1", {})),
+            ("int8 recipe", report["results"].get("int8_t5", {"status": "ok"})),
+        )
+        if row.get("status") == "error"
+    ]
+    # OOMs are results; a crash of the code itself is not.
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
