@@ -145,6 +145,22 @@ def dispatch(ctx: click.Context, dataset: str | None) -> None:
         _dispatch(settings, engine, ds_id)
 
 
+@main.command()
+@click.pass_context
+def reap(ctx: click.Context) -> None:
+    """Return jobs whose worker died (lease expired) to the queue, or fail them after the last attempt."""
+    from farm.db import open_store
+    from farm.states import reap_expired
+
+    settings = _settings(ctx)
+    with _errors():
+        engine = open_store(settings)
+        with engine.begin() as conn:
+            reaped = reap_expired(conn, max_attempts=settings.max_attempts)
+        click.echo(f"reaped {len(reaped.requeued)} jobs back to the queue, {len(reaped.failed)} failed")
+        _dispatch(settings, engine, None)
+
+
 def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
     from farm.broker import make_celery
     from farm.dispatch import dispatch_pending
@@ -171,6 +187,19 @@ def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
 @click.option("--queue", default=None, help="Broker queue to consume (FARM_QUEUE, default render).")
 @click.option("--name", default=None, help="Worker name (default host:pid).")
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most images per pipeline call on this worker (default FARM_BATCH_SIZE); lower it to fit memory.",
+)
+@click.option(
+    "--io-threads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Threads that encode and upload PNGs while the next batch renders.",
+)
 @click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def worker(
@@ -180,6 +209,8 @@ def worker(
     queue: str | None,
     name: str | None,
     torch_threads: int | None,
+    max_batch: int | None,
+    io_threads: int,
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
@@ -191,7 +222,14 @@ def worker(
         # Imported here, not at the top: farm's own modules never import workers, torch or diffusers.
         from workers.main import run_worker
 
-        run_worker(settings, name=name, loglevel=loglevel, torch_threads=torch_threads)
+        run_worker(
+            settings,
+            name=name,
+            loglevel=loglevel,
+            torch_threads=torch_threads,
+            max_batch=max_batch,
+            io_threads=io_threads,
+        )
 
 
 # ---- status / jobs ------------------------------------------------------------------------------------

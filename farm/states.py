@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, or_, select, update
+from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, or_, select, update
 from sqlalchemy.engine import Connection
 
 from farm.schema import UNFINISHED, Job, JobStatus, utcnow
@@ -119,6 +119,15 @@ def mark_succeeded(conn: Connection, job_id: str, *, worker: str, stored: Stored
     return result.rowcount == 1
 
 
+def mark_succeeded_many(conn: Connection, done: Sequence[tuple[str, StoredObject, int]], *, worker: str) -> set[str]:
+    """mark_succeeded for a batch, in the caller's one transaction; returns the ids that were marked."""
+    return {
+        job_id
+        for job_id, stored, render_ms in done
+        if mark_succeeded(conn, job_id, worker=worker, stored=stored, render_ms=render_ms)
+    }
+
+
 def mark_attempt_failed(
     conn: Connection, job_id: str, *, worker: str, error: str, max_attempts: int
 ) -> JobStatus | None:
@@ -162,6 +171,53 @@ def mark_pending(conn: Connection, job_ids: Sequence[str]) -> int:
         )
         moved += result.rowcount
     return moved
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """Jobs whose worker stopped renewing its lease."""
+
+    requeued: list[str]
+    failed: list[str]
+
+
+def reap_expired(conn: Connection, *, max_attempts: int) -> Reaped:
+    """running with an expired lease → pending (sent again by dispatch), or → failed when out of attempts.
+
+    Pending, not queued: the reaped job has no message on the broker, and dispatch sends pending jobs.
+    """
+    now = utcnow()
+    expired = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+    requeued = (
+        conn.execute(
+            update(Job)
+            .where(expired, Job.attempts < max_attempts)
+            .values(
+                status=JobStatus.PENDING.value,
+                lease_expires_at=None,
+                error="attempt " + cast(Job.attempts, String) + ": lease expired (worker " + Job.worker + " stopped)",
+            )
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
+    failed = (
+        conn.execute(
+            update(Job)
+            .where(expired, Job.attempts >= max_attempts)
+            .values(
+                status=JobStatus.FAILED.value,
+                lease_expires_at=None,
+                finished_at=now,
+                error="attempt " + cast(Job.attempts, String) + ": lease expired (worker " + Job.worker + " stopped)",
+            )
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
+    return Reaped(list(requeued), list(failed))
 
 
 def cancel(conn: Connection, *, dataset_id: int | None = None, job_ids: Sequence[str] = ()) -> int:

@@ -74,7 +74,9 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
         FARM_QUEUE=queue_name,
         FARM_STORAGE_URL=f"s3://{s3_bucket}/renders",
         FARM_S3_ENDPOINT_URL=s3_server.endpoint_url,
-        FARM_BATCH_SIZE="4",
+        # One image per pipeline call: then each image is bit-identical to a bare single call.
+        # (Batched calls round differently; the embedded test below checks them within one level.)
+        FARM_BATCH_SIZE="1",
         AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
         AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"],
         AWS_DEFAULT_REGION="us-east-1",
@@ -85,7 +87,7 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
     )
     assert submitted.returncode == 0, submitted.stderr
     assert "20 new jobs" in submitted.stdout
-    assert "dispatched 20 jobs in 5 tasks" in submitted.stdout
+    assert "dispatched 20 jobs in 20 tasks" in submitted.stdout
 
     engine = make_engine(pg_url)
     worker = Worker(env, tmp_path / "worker.log")
@@ -153,9 +155,12 @@ def test_embedded_default_runs_the_same_path(tmp_path: Path) -> None:
     for job in jobs:
         data = (home / "images" / "embedded" / f"{job.id}.png").read_bytes()
         assert hashlib.sha256(data).hexdigest() == job.sha256
-        np.testing.assert_array_equal(
-            np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), _bare_render(home / "models" / "tiny", job)
-        )
+        # The default batch is 8: one pipeline call for all six. Same noise per seed as a single call;
+        # GEMMs round differently by batch size, so pixels may differ by one level, never more.
+        farm_pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+        bare_pixels = _bare_render(home / "models" / "tiny", job).astype(int)
+        assert np.abs(farm_pixels - bare_pixels).max() <= 1
+        assert (farm_pixels != bare_pixels).mean() < 0.01
     assert sorted(j.seed for j in jobs) == list(range(6))
 
 

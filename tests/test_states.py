@@ -157,3 +157,18 @@ def test_mark_pending_returns_queued_jobs_for_redispatch(engine: Engine) -> None
     with engine.begin() as conn:
         assert states.mark_pending(conn, ids) == 1
     assert [_status(engine, i)[0] for i in ids] == ["pending", "running"]
+
+
+def test_reaper_requeues_expired_leases_and_fails_the_last_attempt(engine: Engine) -> None:
+    ids = _jobs(engine, 3)
+    _claim(engine, ids, "dead-worker", max_attempts=2)
+    with engine.begin() as conn:  # the third job is on its last attempt
+        conn.execute(update(Job).where(Job.id == ids[2]).values(attempts=2))
+        conn.execute(update(Job).where(Job.id.in_(ids[1:])).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        reaped = states.reap_expired(conn, max_attempts=2)
+    assert (reaped.requeued, reaped.failed) == ([ids[1]], [ids[2]])
+    assert _status(engine, ids[0])[0] == "running"  # its lease is still valid
+    assert _status(engine, ids[1]) == ("pending", 1, "attempt 1: lease expired (worker dead-worker stopped)")
+    assert _status(engine, ids[2]) == ("failed", 2, "attempt 2: lease expired (worker dead-worker stopped)")
+    with engine.begin() as conn:
+        assert states.reap_expired(conn, max_attempts=2) == states.Reaped([], [])

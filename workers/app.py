@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
 from farm.broker import RENDER_TASK, make_celery
@@ -17,7 +18,9 @@ log = logging.getLogger("farm.worker")
 _DB_RETRY_MAX = 30
 
 
-def create_app(settings: Settings, *, worker_name: str | None = None) -> Celery:
+def create_app(
+    settings: Settings, *, worker_name: str | None = None, max_batch: int | None = None, io_threads: int = 2
+) -> Celery:
     """A Celery app whose render task builds its runtime (engine, storage, pipelines) on first use."""
     app = make_celery(settings, "farm-worker")
     # One process per device: a solo pool renders one task at a time in the main thread.
@@ -27,7 +30,7 @@ def create_app(settings: Settings, *, worker_name: str | None = None) -> Celery:
     @app.task(name=RENDER_TASK, bind=True, max_retries=_DB_RETRY_MAX)
     def render(self: Any, job_ids: list[str]) -> dict[str, int]:
         if not runtime:
-            runtime.append(WorkerRuntime.build(settings, app, worker_name))
+            runtime.append(WorkerRuntime.build(settings, app, worker_name, max_batch=max_batch, io_threads=io_threads))
         try:
             return render_jobs(runtime[0], list(job_ids)).as_dict()
         except SQLAlchemyError as exc:
@@ -35,5 +38,14 @@ def create_app(settings: Settings, *, worker_name: str | None = None) -> Celery:
             delay = min(2**self.request.retries, 60)
             log.warning("database error (%s); task retried in %d s", exc.__class__.__name__, delay)
             raise self.retry(countdown=delay, exc=exc) from None
+
+    @worker_shutdown.connect(weak=False)
+    def _drain(**_: Any) -> None:
+        # A warm shutdown finishes the current task; the images it handed to the upload pool are
+        # stored and recorded before the process exits.
+        if runtime:
+            rt = runtime[0]
+            rt.uploader.close()
+            log.info("worker stopped: %s", rt.stats)
 
     return app

@@ -10,7 +10,13 @@ from workers.runtime import default_worker_name
 
 
 def run_worker(
-    settings: Settings, *, name: str | None = None, loglevel: str = "INFO", torch_threads: int | None = None
+    settings: Settings,
+    *,
+    name: str | None = None,
+    loglevel: str = "INFO",
+    torch_threads: int | None = None,
+    max_batch: int | None = None,
+    io_threads: int = 2,
 ) -> None:
     """Run until stopped (SIGTERM finishes the current task first, then exits)."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -19,7 +25,7 @@ def run_worker(
 
         torch.set_num_threads(torch_threads)
     name = name or default_worker_name()
-    app = create_app(settings, worker_name=name)
+    app = create_app(settings, worker_name=name, max_batch=max_batch, io_threads=io_threads)
     app.worker_main(
         argv=[
             "worker",

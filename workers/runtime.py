@@ -19,6 +19,7 @@ from farm.profiles import model_source
 from farm.schema import Dataset
 from farm.settings import Settings
 from farm.storage import Storage, open_storage
+from workers.uploads import Uploader
 
 log = logging.getLogger("farm.worker")
 
@@ -67,6 +68,20 @@ class PipelineCache:
 
 
 @dataclass
+class WorkerStats:
+    """Counters since the worker started (logged, and read by tests and benchmarks)."""
+
+    claimed: int = 0
+    rendered: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    skipped: int = 0
+    lost: int = 0
+    render_ms: int = 0
+
+
+@dataclass
 class WorkerRuntime:
     """Everything a render task needs, built once per worker process."""
 
@@ -76,6 +91,9 @@ class WorkerRuntime:
     engine: Engine
     storage: Storage
     pipelines: PipelineCache
+    uploader: Uploader
+    max_batch: int
+    stats: WorkerStats = field(default_factory=WorkerStats)
     _dataset_names: dict[int, str] = field(default_factory=dict)
 
     def dataset_name(self, dataset_id: int) -> str:
@@ -87,10 +105,21 @@ class WorkerRuntime:
         return self._dataset_names[dataset_id]
 
     @classmethod
-    def build(cls, settings: Settings, app: Celery, name: str | None = None) -> WorkerRuntime:
+    def build(
+        cls,
+        settings: Settings,
+        app: Celery,
+        name: str | None = None,
+        *,
+        max_batch: int | None = None,
+        io_threads: int = 2,
+    ) -> WorkerRuntime:
         storage = open_storage(
             settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
         )
+        batch = max_batch or settings.batch_size
+        # Two batches may wait for storage while a third renders; beyond that the render loop waits.
+        uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch)
         return cls(
             settings,
             app,
@@ -98,4 +127,6 @@ class WorkerRuntime:
             make_engine(settings.database_url),
             storage,
             PipelineCache(settings),
+            uploader,
+            batch,
         )

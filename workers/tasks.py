@@ -1,114 +1,111 @@
-"""The render task: claim → render with LCM → encode → upload and confirm → mark succeeded."""
+"""The render task: claim → render in batches with LCM → hand images to the upload pool → return.
+
+Uploads, confirmation and the succeeded mark happen on the upload pool (workers/uploads.py) while the next
+batch renders; the job's lease covers that gap, and the reaper covers a worker that dies inside it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kombu.exceptions import OperationalError as KombuOperationalError
-
 from farm import states
-from farm.broker import RENDER_TASK
-from farm.schema import JobStatus
-from farm.storage import StoredObject, object_key
-from workers.images import encode_png
+from workers.results import record_batch
 from workers.runtime import WorkerRuntime
+from workers.uploads import Rendered
 
 log = logging.getLogger("farm.worker")
 
 
 @dataclass
 class Outcome:
-    """What one task did with the ids it carried."""
+    """What one task did with the ids it carried (uploads may still be in flight when it returns)."""
 
-    succeeded: int = 0
-    retrying: int = 0
-    failed: int = 0
+    claimed: int = 0
+    rendered: int = 0
+    render_failed: int = 0
     skipped: int = 0  # not claimable: already done, running elsewhere, canceled, or out of attempts
-    lost: int = 0  # rendered, but the job was taken from this worker meanwhile (canceled or reaped)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-def render_jobs(rt: WorkerRuntime, job_ids: list[str]) -> Outcome:
-    """Render the jobs of one task. Failures are recorded per job; database errors propagate (retried)."""
-    settings = rt.settings
-    # 1. Claim with a guarded UPDATE: a duplicate delivery finds nothing left to claim.
+def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) -> Outcome:
+    """Render one task's jobs. Render failures are recorded per job; database errors propagate (retried).
+
+    wait=True returns only once every image is stored and recorded (tests, shutdown).
+    """
+    # 1. Claim with one guarded UPDATE: a duplicate delivery finds nothing left to claim.
     with rt.engine.begin() as conn:
         claimed = states.claim(
-            conn, job_ids, worker=rt.name, lease_s=settings.lease_s, max_attempts=settings.max_attempts
+            conn, job_ids, worker=rt.name, lease_s=rt.settings.lease_s, max_attempts=rt.settings.max_attempts
         )
-    outcome = Outcome(skipped=len(job_ids) - len(claimed))
-    for job in claimed:
-        # 2-3. Render, encode and upload; any failure of this job is recorded on this job.
-        try:
-            stored, render_ms = _render_and_store(rt, job)
-        except Exception as exc:
-            _record_failure(rt, job, exc, outcome)
-            continue
-        # 4. Succeeded only now that the object is confirmed.
-        with rt.engine.begin() as conn:
-            marked = states.mark_succeeded(conn, job.id, worker=rt.name, stored=stored, render_ms=render_ms)
-        if marked:
-            outcome.succeeded += 1
-            log.info("job %s succeeded in %d ms -> %s", job.id, render_ms, stored.uri)
-        else:
-            outcome.lost += 1
-            log.warning(
-                "job %s was canceled or reaped while rendering; its object %s is left for the "
-                "next attempt to overwrite",
-                job.id,
-                stored.uri,
-            )
+    outcome = Outcome(claimed=len(claimed), skipped=len(job_ids) - len(claimed))
+    rt.stats.claimed += len(claimed)
+    rt.stats.skipped += outcome.skipped
+    # 2. Render compatible jobs in batches of at most max_batch, one generator per image.
+    for batch in _batches(claimed, rt.max_batch):
+        rendered, failures = _render(rt, batch)
+        outcome.rendered += len(rendered)
+        outcome.render_failed += len(failures)
+        if failures:
+            record_batch(rt, [], failures)
+        # 3. Encode, upload, confirm and mark succeeded in the background; blocks when the pool is full.
+        if rendered:
+            rt.uploader.submit(rendered, lambda done, failed: record_batch(rt, done, failed))
+    if wait:
+        rt.uploader.drain()
     return outcome
 
 
-def _render_and_store(rt: WorkerRuntime, job: states.Claimed) -> tuple[StoredObject, int]:
-    from models.pipeline import RenderRequest, render
-
-    pipe = rt.pipelines.get(job.model)
-    started = time.perf_counter()
-    image = render(
-        pipe,
-        RenderRequest(
-            prompt=job.prompt,
-            seed=job.seed,
-            width=job.width,
-            height=job.height,
-            num_inference_steps=job.num_inference_steps,
-            guidance_scale=job.guidance_scale,
-        ),
-    )
-    render_ms = round((time.perf_counter() - started) * 1000)
-    data = encode_png(image, job)
-    key = object_key(rt.storage.prefix, rt.dataset_name(job.dataset_id), job.id)
-    stored = rt.storage.put(key, data, metadata={"job_id": job.id, "seed": str(job.seed)})
-    return stored, render_ms
-
-
-def _record_failure(rt: WorkerRuntime, job: states.Claimed, exc: Exception, outcome: Outcome) -> None:
-    settings = rt.settings
-    error = f"{exc.__class__.__name__}: {exc}"
-    with rt.engine.begin() as conn:
-        state = states.mark_attempt_failed(
-            conn, job.id, worker=rt.name, error=error, max_attempts=settings.max_attempts
+def _batches(jobs: list[states.Claimed], size: int) -> Iterator[list[states.Claimed]]:
+    groups: dict[tuple[str, int, int, int, float], list[states.Claimed]] = {}
+    for job in jobs:
+        groups.setdefault((job.model, job.width, job.height, job.num_inference_steps, job.guidance_scale), []).append(
+            job
         )
-    if state is JobStatus.FAILED:
-        outcome.failed += 1
-        log.error("job %s failed after %d attempts: %s", job.id, job.attempts, error)
-        return
-    if state is None:
-        outcome.lost += 1
-        return
-    outcome.retrying += 1
-    delay = min(settings.retry_backoff_s * 2 ** (job.attempts - 1), settings.retry_backoff_max_s)
-    log.warning("job %s attempt %d failed (%s); retrying in %d s", job.id, job.attempts, error, delay)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def _render(
+    rt: WorkerRuntime, batch: list[states.Claimed]
+) -> tuple[list[Rendered], list[tuple[states.Claimed, BaseException]]]:
+    """One pipeline call for the batch; if it fails, each job alone, so one bad job fails only itself."""
+    from models.pipeline import RenderRequest, render_batch
+
+    requests = [
+        RenderRequest(
+            prompt=j.prompt,
+            seed=j.seed,
+            width=j.width,
+            height=j.height,
+            num_inference_steps=j.num_inference_steps,
+            guidance_scale=j.guidance_scale,
+        )
+        for j in batch
+    ]
     try:
-        rt.app.send_task(RENDER_TASK, args=[[job.id]], queue=settings.queue, countdown=delay)
-    except (KombuOperationalError, OSError):
-        # The broker is away: put the job back to pending so `farm dispatch` sends it again.
-        with rt.engine.begin() as conn:
-            states.mark_pending(conn, [job.id])
-        log.error("job %s could not be re-queued (broker unreachable); left pending for `farm dispatch`", job.id)
+        pipe = rt.pipelines.get(batch[0].model)
+        started = time.perf_counter()
+        images = render_batch(pipe, requests)
+        per_image_ms = round((time.perf_counter() - started) * 1000 / len(batch))
+    except Exception as exc:
+        if len(batch) == 1:
+            return [], [(batch[0], exc)]
+        log.warning("batch of %d failed (%s); rendering its jobs one by one", len(batch), exc.__class__.__name__)
+        rendered: list[Rendered] = []
+        failures: list[tuple[states.Claimed, BaseException]] = []
+        for job in batch:
+            ok, bad = _render(rt, [job])
+            rendered += ok
+            failures += bad
+        return rendered, failures
+    rt.stats.rendered += len(batch)
+    rt.stats.render_ms += per_image_ms * len(batch)
+    return [
+        Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms) for j, image in zip(batch, images, strict=True)
+    ], []

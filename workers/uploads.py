@@ -1,0 +1,109 @@
+"""Encoding and uploading on a bounded background pool, so the next batch renders while this one uploads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.states import Claimed
+from farm.storage import Storage, StoredObject, object_key
+from workers.images import encode_png
+
+log = logging.getLogger("farm.worker")
+
+BatchDone = Callable[[list[tuple[Claimed, StoredObject, int]], list[tuple[Claimed, BaseException]]], None]
+
+
+@dataclass
+class Rendered:
+    """An image waiting to be encoded and stored."""
+
+    job: Claimed
+    dataset: str
+    image: Any
+    render_ms: int
+
+
+@dataclass
+class _Batch:
+    size: int
+    on_done: BatchDone
+    done: list[tuple[Claimed, StoredObject, int]] = field(default_factory=list)
+    failed: list[tuple[Claimed, BaseException]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, ok: tuple[Claimed, StoredObject, int] | None, bad: tuple[Claimed, BaseException] | None) -> bool:
+        with self.lock:
+            if ok:
+                self.done.append(ok)
+            if bad:
+                self.failed.append(bad)
+            return len(self.done) + len(self.failed) == self.size
+
+
+class Uploader:
+    """At most `max_in_flight` images rendered but not yet stored: the render loop blocks beyond that
+    (back-pressure), so a slow store costs time, never unbounded memory."""
+
+    def __init__(self, storage: Storage, *, threads: int = 2, max_in_flight: int = 16) -> None:
+        self.storage = storage
+        self.max_in_flight = max_in_flight
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="farm-upload")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.in_flight = 0  # queued and not yet stored and recorded (what drain() waits for)
+        self.images_held = 0  # rendered images in memory, waiting for or being encoded/uploaded
+        self.peak_images_held = 0
+        self.stored_bytes = 0
+
+    def submit(self, batch: Sequence[Rendered], on_done: BatchDone) -> None:
+        """Queue a rendered batch; blocks while the pool is full. on_done runs once the whole batch is stored."""
+        tracker = _Batch(len(batch), on_done)
+        for item in batch:
+            self._slots.acquire()
+            with self._lock:
+                self.in_flight += 1
+                self.images_held += 1
+                self.peak_images_held = max(self.peak_images_held, self.images_held)
+            self._pool.submit(self._store, item, tracker)
+
+    def _store(self, item: Rendered, batch: _Batch) -> None:
+        ok: tuple[Claimed, StoredObject, int] | None = None
+        bad: tuple[Claimed, BaseException] | None = None
+        try:
+            data = encode_png(item.image, item.job)
+            key = object_key(self.storage.prefix, item.dataset, item.job.id)
+            stored = self.storage.put(key, data, metadata={"job_id": item.job.id, "seed": str(item.job.seed)})
+            ok = (item.job, stored, item.render_ms)
+            with self._lock:
+                self.stored_bytes += stored.bytes
+        except Exception as exc:
+            bad = (item.job, exc)
+        finally:
+            item.image = None  # the pixels are no longer needed; free them before the slot opens
+            with self._lock:
+                self.images_held -= 1
+            self._slots.release()
+        try:
+            if batch.add(ok, bad):
+                batch.on_done(batch.done, batch.failed)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.notify_all()
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued image is stored and recorded; True if it got there in time."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self.in_flight == 0, timeout=timeout_s)
+
+    def close(self) -> None:
+        """Drain, then stop the threads."""
+        self.drain()
+        self._pool.shutdown(wait=True)
