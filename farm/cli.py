@@ -349,6 +349,65 @@ def models_make_tiny(ctx: click.Context, directory: Path | None, seed: int) -> N
     click.echo(f"tiny PixArt pipeline written to {path}")
 
 
+@main.group(invoke_without_command=True)
+@click.option("--model", default="bench-small", show_default=True, help="Profile, folder or hub id to render.")
+@click.option("--prompts", type=click.IntRange(min=1), default=32, show_default=True, help="Images per side.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="B: images per pipeline call in (b) and in the farm's workers.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="`farm worker` processes for (c)."
+)
+@click.option("--width", type=int, default=None, help="Image width (default: the model's size).")
+@click.option("--height", type=int, default=None, help="Image height (default: the model's size).")
+@click.option("--steps", type=click.IntRange(min=1, max=50), default=4, show_default=True, help="LCM steps.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every figure to this JSON file.",
+)
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    model: str,
+    prompts: int,
+    batch_size: int,
+    workers: int,
+    width: int | None,
+    height: int | None,
+    steps: int,
+    json_path: Path | None,
+) -> None:
+    """Images/s of (a) bare diffusers one by one, (b) bare diffusers in batches, (c) the whole farm."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _settings(ctx)
+    with _errors():
+        from workers.bench import run_bench, summary
+
+        result = run_bench(
+            settings,
+            model=model,
+            prompts=prompts,
+            batch_size=batch_size,
+            workers=workers,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    click.echo(summary(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        click.echo(f"figures written to {json_path}")
+
+
 @main.command("config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:

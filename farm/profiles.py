@@ -40,6 +40,12 @@ PROFILES: dict[str, Profile] = {
             "PixArt-δ release: PixArt-XL-2 1024px distilled with LCM (4 steps, guidance distilled in)",
         ),
         Profile(
+            "bench-small",
+            None,
+            256,
+            "random-weight PixArt-α at 256 px, ~0.3 s a render on a CPU: the load `farm bench` times the farm with",
+        ),
+        Profile(
             "tiny",
             None,
             128,
