@@ -408,6 +408,61 @@ def bench(
         click.echo(f"figures written to {json_path}")
 
 
+@bench.command("submit")
+@click.option(
+    "--prompts",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Distinct prompts to submit and dispatch.",
+)
+@click.option(
+    "--status-jobs",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Jobs in the dataset that `farm status` is timed on.",
+)
+@click.option(
+    "--status-runs",
+    type=click.IntRange(min=1),
+    default=7,
+    show_default=True,
+    help="Timed `farm status` queries (after one warm-up).",
+)
+@click.option("--keep", is_flag=True, help="Keep the benchmark datasets instead of deleting them.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every figure to this JSON file.",
+)
+@click.pass_context
+def bench_submit_command(
+    ctx: click.Context, prompts: int, status_jobs: int, status_runs: int, keep: bool, json_path: Path | None
+) -> None:
+    """Submit + dispatch time for many prompts, and `farm status` latency on a big dataset, on this store."""
+    import tempfile
+
+    from farm.bench_submit import bench_submit
+
+    settings = _settings(ctx)
+    with _errors(), tempfile.TemporaryDirectory(prefix="farm-bench-") as workdir:
+        result = bench_submit(
+            settings,
+            prompts=prompts,
+            status_jobs=status_jobs,
+            status_runs=status_runs,
+            workdir=Path(workdir),
+            keep=keep,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    click.echo(json.dumps(result, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 @main.command("config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:

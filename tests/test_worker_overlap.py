@@ -75,3 +75,16 @@ def test_a_task_renders_its_jobs_in_batches_of_the_workers_limit(tmp_path: Path,
     assert outcome.rendered == 7
     assert sorted(calls, reverse=True) == [3, 3, 1]  # one decode per pipeline call, batch sizes 3, 3, 1
     assert rt.stats.succeeded == 7
+
+
+def test_upload_threads_run_below_the_render_threads_priority(tmp_path: Path) -> None:
+    import threading
+
+    from farm.storage import LocalStorage
+    from workers.uploads import Uploader
+
+    uploader = Uploader(LocalStorage(tmp_path), threads=1, max_in_flight=1)
+    seen: list[int] = []
+    uploader._pool.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).result()
+    uploader.close()
+    assert seen == [os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +47,16 @@ class _Batch:
             return len(self.done) + len(self.failed) == self.size
 
 
+def _yield_to_rendering() -> None:
+    """Run this I/O thread at a lower CPU priority (Linux threads have their own nice value).
+
+    On a small CPU machine torch's threads and PNG encoding compete for the same cores; rendering is the
+    bottleneck, so it should win, and the upload pool catches up in the gaps (back-pressure bounds the lag).
+    """
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: keep the default
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class Uploader:
     """At most `max_in_flight` images rendered but not yet stored: the render loop blocks beyond that
     (back-pressure), so a slow store costs time, never unbounded memory."""
@@ -53,7 +65,9 @@ class Uploader:
         self.storage = storage
         self.max_in_flight = max_in_flight
         self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="farm-upload")
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="farm-upload", initializer=_yield_to_rendering
+        )
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.in_flight = 0  # queued and not yet stored and recorded (what drain() waits for)
