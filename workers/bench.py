@@ -168,7 +168,7 @@ def _farm(
     env = _worker_env(settings)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "farm", "worker", "--loglevel", "WARNING", "--max-batch", str(batch)],
+            [sys.executable, "-m", "farm", "worker", "--loglevel", "INFO", "--max-batch", str(batch)],
             env=env,
             stdout=(workdir / f"worker{i}.log").open("w"),
             stderr=subprocess.STDOUT,
