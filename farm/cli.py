@@ -83,6 +83,32 @@ def main(ctx: click.Context, home: Path | None) -> None:
     show_default=True,
     help="Base seed; every image gets its own seed derived from it, stored on the job.",
 )
+@click.option(
+    "--control-image",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Condition image (edge map) for rows without their own control_image field; needs --controlnet.",
+)
+@click.option(
+    "--controlnet",
+    default=None,
+    help="ControlNet adapter: profile (pixart-hed-controlnet, tiny-controlnet), diffusers folder, "
+    ".pth/.safetensors checkpoint or hub id.",
+)
+@click.option(
+    "--conditioning-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Strength of the control (0-2) for rows without their own conditioning_scale.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    show_default=True,
+    help="int8: 8-bit T5 (and transformer on CUDA) through bitsandbytes, for low GPU memory.",
+)
 @click.option("--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them.")
 @click.pass_context
 def submit(
@@ -96,11 +122,15 @@ def submit(
     guidance_scale: float,
     images_per_prompt: int,
     seed: int,
+    control_image: Path | None,
+    controlnet: str | None,
+    conditioning_scale: float,
+    quantize: str,
     no_dispatch: bool,
 ) -> None:
-    """Validate FILE (.txt, .jsonl, .csv) completely, record its jobs, and dispatch them."""
+    """Validate FILE (.txt, .jsonl, .csv) completely, store its condition images, record its jobs, dispatch."""
     from farm.db import open_store
-    from farm.submit import SubmitOptions, plan_submission, record
+    from farm.submit import SubmitOptions, plan_submission, record, store_conditions
 
     settings = _settings(ctx)
     with _errors():
@@ -113,9 +143,16 @@ def submit(
             guidance_scale=guidance_scale,
             images_per_prompt=images_per_prompt,
             seed=seed,
+            control_image=control_image,
+            controlnet=controlnet,
+            conditioning_scale=conditioning_scale,
+            quantize=None if quantize == "none" else quantize,
         )
         started = time.perf_counter()
         plan = plan_submission(file, options)
+        if plan.conditions:
+            plan = store_conditions(plan, _open_storage(settings))
+            click.echo(f"{len(plan.conditions)} condition images stored")
         engine = open_store(settings)
         recorded = record(engine, plan)
         elapsed = time.perf_counter() - started
@@ -159,6 +196,17 @@ def reap(ctx: click.Context) -> None:
             reaped = reap_expired(conn, max_attempts=settings.max_attempts)
         click.echo(f"reaped {len(reaped.requeued)} jobs back to the queue, {len(reaped.failed)} failed")
         _dispatch(settings, engine, None)
+
+
+def _open_storage(settings: Settings) -> Any:
+    from farm.storage import open_storage
+
+    try:
+        return open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
@@ -347,6 +395,62 @@ def models_make_tiny(ctx: click.Context, directory: Path | None, seed: int) -> N
     target = directory or _settings(ctx).models_dir / "tiny"
     path = make_tiny(target, seed=seed)
     click.echo(f"tiny PixArt pipeline written to {path}")
+
+
+@models.command("make-tiny-controlnet")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Tiny pipeline whose transformer the adapter copies (default: FARM_HOME/models/tiny, made if missing).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random projections.")
+@click.pass_context
+def models_make_tiny_controlnet(ctx: click.Context, directory: Path | None, model_dir: Path | None, seed: int) -> None:
+    """Write a tiny random-weight ControlNet adapter (default: FARM_HOME/models/tiny-controlnet), offline."""
+    from models.controlnet import make_tiny_controlnet
+    from models.tiny import make_tiny
+
+    settings = _settings(ctx)
+    source = model_dir or settings.models_dir / "tiny"
+    if not any((source / name).is_file() for name in ("model_index.json", "config.json")):
+        if model_dir is not None:
+            raise click.BadParameter(
+                f"{source} is neither a pipeline (model_index.json) nor a transformer folder (config.json)",
+                param_hint="--model-dir",
+            )
+        make_tiny(source)
+        click.echo(f"tiny PixArt pipeline written to {source}")
+    target = directory or settings.models_dir / "tiny-controlnet"
+    path = make_tiny_controlnet(target, transformer_source=source, seed=seed)
+    click.echo(f"tiny ControlNet adapter written to {path}")
+
+
+# ---- condition ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def condition() -> None:
+    """Make ControlNet condition images from ordinary images."""
+
+
+@condition.command("canny")
+@click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--low", type=click.IntRange(0, 255), default=100, show_default=True, help="Canny lower threshold.")
+@click.option("--high", type=click.IntRange(0, 255), default=200, show_default=True, help="Canny upper threshold.")
+def condition_canny(in_path: Path, out_path: Path, low: int, high: int) -> None:
+    """Write the Canny edges of IN to OUT as a 3-channel PNG condition image (white edges on black)."""
+    from models.conditions import canny
+
+    try:
+        written = canny(in_path, out_path, low=low, high=high)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
+    click.echo(f"edges written to {written}")
 
 
 @main.group(invoke_without_command=True)

@@ -23,6 +23,8 @@ ROW_FIELDS = (
     "num_inference_steps",
     "guidance_scale",
     "images_per_prompt",
+    "control_image",  # a condition image; a relative path resolves against the prompt file's folder
+    "conditioning_scale",
 )
 ALIASES = {"steps": "num_inference_steps"}
 

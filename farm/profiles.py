@@ -96,3 +96,81 @@ def _folder_native_size(path: Path) -> int:
         return int(config["sample_size"]) * 8
     except (OSError, ValueError, KeyError, TypeError):
         return 1024
+
+
+# ---- ControlNet adapters ------------------------------------------------------------------------------
+
+CONTROLNET_SUFFIXES = (".pth", ".safetensors")  # original-format checkpoints, converted by the worker
+
+
+@dataclass(frozen=True)
+class ControlNetProfile:
+    """A named ControlNet adapter: where its weights come from."""
+
+    name: str
+    hub_id: str | None
+    description: str
+
+    def source(self, settings: Settings) -> str:
+        """A local diffusers folder under FARM_HOME/models/NAME wins over the hub id."""
+        local = settings.models_dir / self.name
+        if (local / "config.json").is_file() or self.hub_id is None:
+            return str(local)
+        return self.hub_id
+
+
+CONTROLNET_PROFILES: dict[str, ControlNetProfile] = {
+    p.name: p
+    for p in (
+        ControlNetProfile(
+            "pixart-hed-controlnet",
+            "raulc0399/pixart-alpha-hed-controlnet",
+            "the released PixArt-α ControlNet (HED soft edges, 13 copied blocks), diffusers format",
+        ),
+        ControlNetProfile(
+            "tiny-controlnet",
+            None,
+            "random-weight adapter for the tiny model (`farm models make-tiny-controlnet`)",
+        ),
+    )
+}
+
+
+def resolve_controlnet(ref: str) -> str:
+    """The string stored on each job for `--controlnet`: a profile, a local folder or file, or a hub id."""
+    if ref in CONTROLNET_PROFILES:
+        return ref
+    if not ref.strip():
+        raise InvalidSubmission("empty controlnet reference", field="controlnet", value=ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InvalidSubmission(
+                f"folder {ref!r} has no config.json (a diffusers ControlNet folder)", field="controlnet", value=ref
+            )
+        return str(path.resolve())
+    if path.suffix.lower() in CONTROLNET_SUFFIXES:
+        if not path.is_file():
+            raise InvalidSubmission(f"checkpoint file {ref!r} does not exist", field="controlnet", value=ref)
+        return str(path.resolve())
+    if path.exists():
+        raise InvalidSubmission(
+            f"{ref!r} is neither a diffusers folder nor a {' or '.join(CONTROLNET_SUFFIXES)} checkpoint",
+            field="controlnet",
+            value=ref,
+        )
+    if HUB_ID.fullmatch(ref) and not ref.startswith((".", "/")):
+        return ref
+    known = ", ".join(CONTROLNET_PROFILES)
+    raise InvalidSubmission(
+        f"unknown controlnet {ref!r}: not a profile ({known}), an existing folder with config.json, "
+        f"a {' or '.join(CONTROLNET_SUFFIXES)} checkpoint, or a hub id like org/name",
+        field="controlnet",
+        value=ref,
+    )
+
+
+def controlnet_source(name: str, settings: Settings) -> str:
+    """What a worker passes to models.controlnet.load_controlnet for a job's stored controlnet string."""
+    profile = CONTROLNET_PROFILES.get(name)
+    return profile.source(settings) if profile else name

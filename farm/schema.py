@@ -90,6 +90,12 @@ class Job(Base):
     num_inference_steps: Mapped[int] = mapped_column(Integer, nullable=False)
     guidance_scale: Mapped[float] = mapped_column(Float, nullable=False)
     model: Mapped[str] = mapped_column(String(512), nullable=False)
+    # ControlNet and quantization inputs; all NULL for a plain job (revision 0002).
+    controlnet: Mapped[str | None] = mapped_column(String(512))
+    conditioning_scale: Mapped[float | None] = mapped_column(Float)
+    control_sha256: Mapped[str | None] = mapped_column(String(64))
+    control_uri: Mapped[str | None] = mapped_column(Text)  # the stored condition image, content-addressed
+    quantize: Mapped[str | None] = mapped_column(String(16))  # "int8" or NULL
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))

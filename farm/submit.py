@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,12 @@ from sqlalchemy import Column, MetaData, Table, insert, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from farm.conditions import ConditionImage, ConditionImages, store_condition
 from farm.errors import InvalidSubmission
 from farm.inputs import Row, read_rows
-from farm.profiles import resolve_model
+from farm.profiles import resolve_controlnet, resolve_model
 from farm.schema import Dataset, Job, JobStatus, utcnow
+from farm.storage import Storage
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_SEED = 2**63 - 1
@@ -30,6 +32,8 @@ SIZE_MULTIPLE = 16
 STEPS_RANGE = (1, 50)  # LCM cannot take more steps than its 50 original ones
 GUIDANCE_RANGE = (0.0, 30.0)
 IMAGES_PER_PROMPT_RANGE = (1, 10_000)
+CONDITIONING_SCALE_RANGE = (0.0, 2.0)
+QUANTIZE_CHOICES = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,15 @@ class SubmitOptions:
     guidance_scale: float = 0.0
     images_per_prompt: int = 1
     seed: int = 0
+    control_image: Path | None = None  # the condition of rows without their own control_image
+    controlnet: str | None = None  # profile, diffusers folder, .pth/.safetensors file or hub id
+    conditioning_scale: float = 1.0  # for rows without their own; ignored without a controlnet
+    quantize: str | None = None  # "int8", or None / "none" for full precision
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One image, fully determined: its id is a hash of the dataset and all of these fields."""
+    """One image, fully determined: its id is a hash of the dataset and all of these fields but the line and URI."""
 
     prompt: str
     seed: int
@@ -58,6 +66,11 @@ class JobSpec:
     guidance_scale: float
     model: str
     source_line: int
+    controlnet: str | None = None
+    conditioning_scale: float | None = None
+    control_sha256: str | None = None
+    control_uri: str | None = None  # set by store_conditions; derived from control_sha256, so not hashed
+    quantize: str | None = None
 
     def job_id(self, dataset: str) -> str:
         """Deterministic: the same image asked for twice in a dataset is one job."""
@@ -66,6 +79,11 @@ class JobSpec:
             f"{dataset}\0{len(self.prompt)}:{self.prompt}\0{self.seed}\0{self.width}\0{self.height}\0"
             f"{self.num_inference_steps}\0{float(self.guidance_scale)!r}\0{self.model}"
         )
+        extras = (self.controlnet, self.conditioning_scale, self.control_sha256, self.quantize)
+        # Appended only when set, so a plain job keeps the id it had before these fields existed.
+        if any(value is not None for value in extras):
+            scale = "" if self.conditioning_scale is None else repr(float(self.conditioning_scale))
+            key += f"\0control\0{self.controlnet or ''}\0{scale}\0{self.control_sha256 or ''}\0{self.quantize or ''}"
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -77,6 +95,7 @@ class Plan:
     specs: list[JobSpec]
     duplicates: int
     ids: list[str]  # specs[i]'s job id, computed once
+    conditions: tuple[ConditionImage, ...] = ()  # distinct condition images, to store before recording
 
 
 @dataclass(frozen=True)
@@ -114,13 +133,14 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
         "images_per_prompt": options.images_per_prompt,
     }
     _check_defaults(defaults, options.seed)
+    control = _control_context(path, options)
     specs: list[JobSpec] = []
     ids: list[str] = []
     seen: set[str] = set()
     occurrences: Counter[str] = Counter()
     duplicates = 0
     for row in read_rows(path):
-        for spec in _expand(row, defaults, options.seed, model.name, occurrences):
+        for spec in _expand(row, defaults, options.seed, model.name, occurrences, control):
             job_id = spec.job_id(options.dataset)
             if job_id in seen:
                 duplicates += 1
@@ -128,7 +148,23 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
             seen.add(job_id)
             specs.append(spec)
             ids.append(job_id)
-    return Plan(options.dataset, specs, duplicates, ids)
+    return Plan(options.dataset, specs, duplicates, ids, control.images.distinct())
+
+
+def store_conditions(plan: Plan, storage: Storage) -> Plan:
+    """Upload each distinct condition image once and return the plan with every job's control_uri set.
+
+    Call between plan_submission and record: a recorded job must never name a condition that is not stored.
+    A StorageError aborts before any row is written.
+    """
+    if not plan.conditions:
+        return plan
+    uris = {image.sha256: store_condition(image, storage).uri for image in plan.conditions}
+    specs = [
+        replace(spec, control_uri=uris[spec.control_sha256]) if spec.control_sha256 is not None else spec
+        for spec in plan.specs
+    ]
+    return replace(plan, specs=specs)
 
 
 def derive_seed(base_seed: int, prompt: str, occurrence: int, index: int) -> int:
@@ -147,6 +183,12 @@ def record(engine: Engine, plan: Plan) -> Recorded:
     Rows are staged in a temporary table (COPY on PostgreSQL) and moved with one INSERT … SELECT … ON
     CONFLICT DO NOTHING, whose row count is exactly the number of new jobs, even with concurrent submits.
     """
+    unstored = next((s for s in plan.specs if s.control_sha256 is not None and s.control_uri is None), None)
+    if unstored is not None:
+        raise ValueError(
+            f"line {unstored.source_line}: condition {unstored.control_sha256} is not stored; "
+            "call store_conditions(plan, storage) before record"
+        )
     now = utcnow()
     with engine.begin() as conn:
         dataset_id = _dataset_id(conn, plan.dataset)
@@ -186,6 +228,11 @@ _STAGED_COLUMNS = (
     "num_inference_steps",
     "guidance_scale",
     "model",
+    "controlnet",
+    "conditioning_scale",
+    "control_sha256",
+    "control_uri",
+    "quantize",
     "status",
     "attempts",
     "created_at",
@@ -240,11 +287,86 @@ def _check_defaults(defaults: dict[str, Any], seed: int) -> None:
     _validated(fake, "seed", seed, option=True)
 
 
-def _expand(row: Row, defaults: dict[str, Any], base_seed: int, model: str, occurrences: Counter[str]) -> list[JobSpec]:
+@dataclass(frozen=True)
+class _Control:
+    """What every row's control fields are checked against."""
+
+    controlnet: str | None
+    default_image: ConditionImage | None
+    default_scale: float
+    quantize: str | None
+    base_dir: Path  # relative control_image paths in the prompt file resolve against its folder
+    images: ConditionImages
+
+
+def _control_context(path: Path, options: SubmitOptions) -> _Control:
+    """Resolve the ControlNet options once; a default condition image is decoded here, before any row."""
+    fake = Row("(options)", 0, {})
+    controlnet = resolve_controlnet(options.controlnet) if options.controlnet is not None else None
+    quantize = options.quantize
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise _bad(fake, "quantize", quantize, f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}", option=True)
+    scale = _validated(fake, "conditioning_scale", options.conditioning_scale, option=True)
+    images = ConditionImages()
+    default_image = None
+    if options.control_image is not None:
+        value = str(options.control_image)
+        if controlnet is None:
+            raise _bad(fake, "control_image", value, "--controlnet is required with control images", option=True)
+        default_image = images.check(Path(value).expanduser().absolute(), origin=None, line=None, value=value)
+    return _Control(
+        controlnet=controlnet,
+        default_image=default_image,
+        default_scale=scale,
+        quantize=None if quantize == "none" else quantize,
+        base_dir=path.expanduser().absolute().parent,
+        images=images,
+    )
+
+
+def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None, str | None]:
+    """(controlnet, conditioning_scale, control_sha256) of one row; all None for a plain row."""
+    raw = row.fields.get("control_image")
+    image = control.default_image
+    if raw is not None:
+        if not isinstance(raw, str) or not raw.strip():
+            raise _bad(row, "control_image", raw, "control_image must be a path to an image file")
+        if control.controlnet is None:
+            raise _bad(row, "control_image", raw, "--controlnet is required with control images")
+        given = Path(raw.strip()).expanduser()
+        image = control.images.check(
+            given if given.is_absolute() else control.base_dir / given, origin=row.path, line=row.line, value=raw
+        )
+    if "conditioning_scale" in row.fields and control.controlnet is None:
+        raise _bad(row, "conditioning_scale", row.fields["conditioning_scale"], "conditioning_scale needs --controlnet")
+    if control.controlnet is None:
+        return None, None, None
+    if image is None:
+        raise _bad(
+            row,
+            "control_image",
+            raw,
+            "--controlnet needs a control image for every row: give --control-image or a control_image field",
+        )
+    scale = control.default_scale
+    if "conditioning_scale" in row.fields:
+        scale = _validated(row, "conditioning_scale", row.fields["conditioning_scale"])
+    return control.controlnet, scale, image.sha256
+
+
+def _expand(
+    row: Row,
+    defaults: dict[str, Any],
+    base_seed: int,
+    model: str,
+    occurrences: Counter[str],
+    control: _Control,
+) -> list[JobSpec]:
     fields = {**defaults, **row.fields}
     prompt = _validated(row, "prompt", fields.get("prompt"))
     values = {k: _validated(row, k, fields[k]) for k in defaults}
     explicit_seed = _validated(row, "seed", fields["seed"]) if "seed" in fields else None
+    controlnet, conditioning_scale, control_sha256 = _row_control(row, control)
     occurrence = occurrences[prompt]
     occurrences[prompt] += 1
     specs = []
@@ -265,6 +387,10 @@ def _expand(row: Row, defaults: dict[str, Any], base_seed: int, model: str, occu
                 values["guidance_scale"],
                 model,
                 row.line,
+                controlnet=controlnet,
+                conditioning_scale=conditioning_scale,
+                control_sha256=control_sha256,
+                quantize=control.quantize,
             )
         )
     return specs
@@ -284,11 +410,11 @@ def _validated(row: Row, field: str, value: Any, option: bool = False) -> Any:
         if len(value) > MAX_PROMPT_CHARS:
             raise _bad(row, field, f"{value[:40]}…", f"prompt longer than {MAX_PROMPT_CHARS} characters")
         return value.strip()
-    if field == "guidance_scale":
+    if field in ("guidance_scale", "conditioning_scale"):
         number = _number(row, field, value, float, option)
-        low, high = GUIDANCE_RANGE
+        low, high = GUIDANCE_RANGE if field == "guidance_scale" else CONDITIONING_SCALE_RANGE
         if not low <= number <= high:
-            raise _bad(row, field, value, f"guidance_scale must be between {low} and {high}", option)
+            raise _bad(row, field, value, f"{field} must be between {low} and {high}", option)
         return number
     number = _number(row, field, value, int, option)
     if field in ("width", "height"):

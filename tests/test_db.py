@@ -54,3 +54,28 @@ def test_unreachable_database_is_a_plain_error_without_the_password(tmp_path: Pa
     assert "cannot reach the job database" in result.stderr
     assert "Traceback" not in result.stderr
     assert "sup3r-secret" not in result.stdout + result.stderr
+
+
+def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from farm.db import upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO datasets (id, name, created_at) VALUES (1, 'd', '2026-01-01 00:00:00')"))
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, dataset_id, prompt, seed, width, height, num_inference_steps, guidance_scale,"
+                " model, status, attempts, created_at) VALUES ('j1', 1, 'p', 1, 128, 128, 4, 0.0, 'tiny', 'pending',"
+                " 0, '2026-01-01 00:00:00')"
+            )
+        )
+    upgrade(engine)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT id, controlnet, conditioning_scale, control_sha256, control_uri, quantize FROM jobs")
+        ).one()
+    assert tuple(row) == ("j1", None, None, None, None, None)
+    assert current_revision(engine) == head_revision() == "0002"

@@ -190,3 +190,10 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"caf\xe9\n")
     with pytest.raises(InvalidSubmission, match="not UTF-8"):
         read_rows(path)
+
+
+def test_control_fields_are_row_fields(tmp_path: Path) -> None:
+    text = json.dumps({"prompt": "a", "control_image": "edges/a.png", "conditioning_scale": 0.5}) + "\n"
+    (row,) = read_rows(_write(tmp_path, "p.jsonl", text))
+    # Kept raw: the path is resolved and the image decoded by farm.submit, which knows the file's folder.
+    assert row.fields == {"prompt": "a", "control_image": "edges/a.png", "conditioning_scale": 0.5}

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from farm.errors import InvalidSubmission
-from farm.profiles import PROFILES, model_source, resolve_model
+from farm.profiles import (
+    CONTROLNET_PROFILES,
+    PROFILES,
+    controlnet_source,
+    model_source,
+    resolve_controlnet,
+    resolve_model,
+)
 from farm.settings import Settings, load_settings
 
 
@@ -109,3 +116,58 @@ def test_model_source_prefers_a_local_copy_of_a_hub_profile(settings: Settings) 
 def test_model_source_passes_other_strings_through(settings: Settings, tmp_path: Path) -> None:
     assert model_source("org/name", settings) == "org/name"
     assert model_source(str(tmp_path / "m"), settings) == str(tmp_path / "m")
+
+
+# ---- ControlNet adapters --------------------------------------------------------------------------------
+
+
+def test_builtin_controlnet_profiles() -> None:
+    assert CONTROLNET_PROFILES["pixart-hed-controlnet"].hub_id == "raulc0399/pixart-alpha-hed-controlnet"
+    assert CONTROLNET_PROFILES["tiny-controlnet"].hub_id is None
+    assert resolve_controlnet("tiny-controlnet") == "tiny-controlnet"
+
+
+def test_controlnet_folder_and_checkpoint_files_are_stored_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "net"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    checkpoint = tmp_path / "PixArt-XL-2-1024-ControlNet.pth"
+    checkpoint.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_controlnet("net") == str(folder)
+    assert resolve_controlnet(checkpoint.name) == str(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("empty-folder", "no config.json"),
+        ("missing.safetensors", "does not exist"),
+        ("notes.txt", "neither a diffusers folder"),
+        ("not a controlnet!", "unknown controlnet"),
+        ("", "empty controlnet"),
+    ],
+)
+def test_bad_controlnet_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, message: str) -> None:
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "notes.txt").write_text("hi", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidSubmission, match=message) as info:
+        resolve_controlnet(name)
+    assert (info.value.field, info.value.value) == ("controlnet", name)
+
+
+def test_controlnet_hub_id_is_accepted() -> None:
+    assert resolve_controlnet("PixArt-alpha/PixArt-ControlNet") == "PixArt-alpha/PixArt-ControlNet"
+
+
+def test_controlnet_source(settings: Settings, tmp_path: Path) -> None:
+    assert controlnet_source("tiny-controlnet", settings) == str(settings.models_dir / "tiny-controlnet")
+    assert controlnet_source("pixart-hed-controlnet", settings) == "raulc0399/pixart-alpha-hed-controlnet"
+    local = settings.models_dir / "pixart-hed-controlnet"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}", encoding="utf-8")
+    assert controlnet_source("pixart-hed-controlnet", settings) == str(local)  # a local copy wins
+    assert controlnet_source(str(tmp_path / "x.pth"), settings) == str(tmp_path / "x.pth")
