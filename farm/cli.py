@@ -248,6 +248,11 @@ def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
     show_default=True,
     help="Threads that encode and upload PNGs while the next batch renders.",
 )
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="The 8 GB recipe: T5 in 8-bit, loaded only to encode new prompts and freed before rendering.",
+)
 @click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def worker(
@@ -259,6 +264,7 @@ def worker(
     torch_threads: int | None,
     max_batch: int | None,
     io_threads: int,
+    low_memory: bool,
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
@@ -277,6 +283,7 @@ def worker(
             torch_threads=torch_threads,
             max_batch=max_batch,
             io_threads=io_threads,
+            low_memory=low_memory,
         )
 
 

@@ -22,8 +22,9 @@ from farm.settings import Settings, redact
 log = logging.getLogger(__name__)
 _PAGE = 10_000
 
-# Jobs that can share one pipeline call: same model, size, steps and guidance.
-GroupKey = tuple[str, int, int, int, float]
+# A pending row: its id, then what decides which jobs can share one pipeline call (model, size, steps,
+# guidance, controlnet, conditioning scale, quantization); see Claimed.render_group.
+PendingRow = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,11 @@ def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str]) -> None
     app.amqp.send_task_message(producer, RENDER_TASK, message, queue=queue, retry=False)
 
 
-def group_jobs(rows: Iterable[tuple[str, str, int, int, int, float]], batch_size: int) -> Iterable[list[str]]:
-    """Group (id, model, width, height, steps, guidance) rows into lists of at most batch_size compatible ids."""
-    groups: dict[GroupKey, list[str]] = {}
-    for job_id, model, width, height, steps, guidance in rows:
-        key = (model, width, height, steps, guidance)
+def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[list[str]]:
+    """Group pending rows into lists of at most batch_size ids that can share one pipeline call."""
+    groups: dict[PendingRow, list[str]] = {}
+    for job_id, *key_fields in rows:
+        key = tuple(key_fields)
         bucket = groups.setdefault(key, [])
         bucket.append(job_id)
         if len(bucket) == batch_size:
@@ -94,9 +95,19 @@ def group_jobs(rows: Iterable[tuple[str, str, int, int, int, float]], batch_size
             yield bucket
 
 
-def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[tuple[str, str, int, int, int, float]]:
+def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[PendingRow]:
     query = (
-        select(Job.id, Job.model, Job.width, Job.height, Job.num_inference_steps, Job.guidance_scale)
+        select(
+            Job.id,
+            Job.model,
+            Job.width,
+            Job.height,
+            Job.num_inference_steps,
+            Job.guidance_scale,
+            Job.controlnet,
+            Job.conditioning_scale,
+            Job.quantize,
+        )
         .where(Job.status == JobStatus.PENDING.value, Job.id > after)
         .order_by(Job.id)
         .limit(_PAGE)
@@ -104,7 +115,7 @@ def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[tu
     if dataset_id is not None:
         query = query.where(Job.dataset_id == dataset_id)
     with engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(query)]  # type: ignore[misc]
+        return [tuple(r) for r in conn.execute(query)]
 
 
 def _mark(engine: Engine, job_ids: list[str]) -> None:

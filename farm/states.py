@@ -32,6 +32,25 @@ class Claimed:
     guidance_scale: float
     model: str
     attempts: int
+    controlnet: str | None = None
+    conditioning_scale: float | None = None
+    control_sha256: str | None = None
+    control_uri: str | None = None
+    quantize: str | None = None
+
+    @property
+    def render_group(self) -> tuple[object, ...]:
+        """Jobs with equal groups can share one pipeline call."""
+        return (
+            self.model,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.controlnet,
+            self.conditioning_scale,
+            self.quantize,
+        )
 
 
 def _id_in(conn: Connection, job_ids: Sequence[str]) -> ColumnElement[bool]:
@@ -93,6 +112,11 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
             Job.guidance_scale,
             Job.model,
             Job.attempts,
+            Job.controlnet,
+            Job.conditioning_scale,
+            Job.control_sha256,
+            Job.control_uri,
+            Job.quantize,
         )
     )
     order = {job_id: i for i, job_id in enumerate(job_ids)}

@@ -263,6 +263,9 @@ def _prompt_kwargs(
     if prompt_cache is None:
         return {"prompt": prompts}
     embeds, mask = prompt_cache.embed(pipe, prompts, model_key=model_key)
+    # An 8-bit T5 hands back fp16 embeddings; the pipeline takes its latents' dtype from them, so match the
+    # transformer (an fp32 transformer on a CPU would otherwise meet fp16 latents).
+    embeds = embeds.to(pipe.transformer.dtype)
     extra: dict[str, Any] = {}
     if cfg:
         # PixArt's negative prompt is ""; cache its embedding like any other prompt.

@@ -19,7 +19,12 @@ _DB_RETRY_MAX = 30
 
 
 def create_app(
-    settings: Settings, *, worker_name: str | None = None, max_batch: int | None = None, io_threads: int = 2
+    settings: Settings,
+    *,
+    worker_name: str | None = None,
+    max_batch: int | None = None,
+    io_threads: int = 2,
+    low_memory: bool = False,
 ) -> Celery:
     """A Celery app whose render task builds its runtime (engine, storage, pipelines) on first use."""
     app = make_celery(settings, "farm-worker")
@@ -30,9 +35,15 @@ def create_app(
     @app.task(name=RENDER_TASK, bind=True, max_retries=_DB_RETRY_MAX)
     def render(self: Any, job_ids: list[str]) -> dict[str, int]:
         if not runtime:
-            runtime.append(WorkerRuntime.build(settings, app, worker_name, max_batch=max_batch, io_threads=io_threads))
+            runtime.append(
+                WorkerRuntime.build(
+                    settings, app, worker_name, max_batch=max_batch, io_threads=io_threads, low_memory=low_memory
+                )
+            )
         try:
-            return render_jobs(runtime[0], list(job_ids)).as_dict()
+            outcome = render_jobs(runtime[0], list(job_ids))
+            log.info("caches: %s", runtime[0].caches.stats())
+            return outcome.as_dict()
         except SQLAlchemyError as exc:
             # The job database is away: the rows still say what is owed, so try the same ids again later.
             delay = min(2**self.request.retries, 60)
@@ -46,6 +57,6 @@ def create_app(
         if runtime:
             rt = runtime[0]
             rt.uploader.close()
-            log.info("worker stopped: %s", rt.stats)
+            log.info("worker stopped: %s; caches: %s", rt.stats, rt.caches.stats())
 
     return app

@@ -17,6 +17,7 @@ def run_worker(
     torch_threads: int | None = None,
     max_batch: int | None = None,
     io_threads: int = 2,
+    low_memory: bool = False,
 ) -> None:
     """Run until stopped (SIGTERM finishes the current task first, then exits)."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -25,7 +26,7 @@ def run_worker(
 
         torch.set_num_threads(torch_threads)
     name = name or default_worker_name()
-    app = create_app(settings, worker_name=name, max_batch=max_batch, io_threads=io_threads)
+    app = create_app(settings, worker_name=name, max_batch=max_batch, io_threads=io_threads, low_memory=low_memory)
     app.worker_main(
         argv=[
             "worker",

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from farm import states
 from workers.results import record_batch
@@ -61,11 +62,9 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
 
 
 def _batches(jobs: list[states.Claimed], size: int) -> Iterator[list[states.Claimed]]:
-    groups: dict[tuple[str, int, int, int, float], list[states.Claimed]] = {}
+    groups: dict[tuple[object, ...], list[states.Claimed]] = {}
     for job in jobs:
-        groups.setdefault((job.model, job.width, job.height, job.num_inference_steps, job.guidance_scale), []).append(
-            job
-        )
+        groups.setdefault(job.render_group, []).append(job)
     for group in groups.values():
         for start in range(0, len(group), size):
             yield group[start : start + size]
@@ -89,9 +88,22 @@ def _render(
         for j in batch
     ]
     try:
-        pipe = rt.pipelines.get(batch[0].model)
+        first = batch[0]
+        caches = rt.caches
+        pipe = caches.pipelines.get(first.model, first.quantize)
+        extra: dict[str, Any] = {}
+        if first.controlnet:
+            scale = first.conditioning_scale if first.conditioning_scale is not None else 1.0
+            extra = {
+                "controlnet": caches.adapter(first.controlnet, pipe),
+                "conditions": caches.condition_latents(batch, pipe),
+                "conditioning_scale": scale,
+            }
+        if pipe.text_encoder is None:  # 8-bit T5 or low-memory mode: embeddings go into the cache first
+            caches.encode_missing_prompts(first, [r.prompt for r in requests])
         started = time.perf_counter()
-        images = render_batch(pipe, requests)
+        # T5 runs once per distinct prompt in this process: repeats (other seeds) come from the cache.
+        images = render_batch(pipe, requests, prompt_cache=caches.prompts, model_key=caches.prompt_key(first), **extra)
         per_image_ms = round((time.perf_counter() - started) * 1000 / len(batch))
     except Exception as exc:
         if len(batch) == 1:
