@@ -382,13 +382,18 @@ def models() -> None:
 @click.pass_context
 def models_list(ctx: click.Context) -> None:
     """The built-in profiles and where each loads from."""
-    from farm.profiles import PROFILES
+    from farm.profiles import CONTROLNET_PROFILES, PROFILES
 
+    settings = _settings(ctx)
+    click.echo("models (--model):")
     for profile in PROFILES.values():
         click.echo(
-            f"{profile.name:<16} {profile.native_size}px  {profile.source(_settings(ctx))}\n"
-            f"{'':<16} {profile.description}"
+            f"  {profile.name:<22} {profile.native_size}px  {profile.source(settings)}\n"
+            f"  {'':<22} {profile.description}"
         )
+    click.echo("controlnets (--controlnet):")
+    for adapter in CONTROLNET_PROFILES.values():
+        click.echo(f"  {adapter.name:<22} {adapter.source(settings)}\n  {'':<22} {adapter.description}")
 
 
 @models.command("make-tiny")
