@@ -6,35 +6,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from farm.errors import BrokerUnavailable, ConfigError, FarmError, InvalidSubmission, UnknownDataset
+from farm.cli_common import errors, settings_of
+from farm.errors import BrokerUnavailable, ConfigError
 from farm.schema import JobStatus
-from farm.settings import Settings, load_settings, redact, with_overrides
+from farm.settings import Settings, load_settings, with_overrides
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """User mistakes exit 2 with the message; other farm errors exit 1; never a traceback for either."""
-    try:
-        yield
-    except (InvalidSubmission, UnknownDataset) as exc:
-        raise click.UsageError(str(exc)) from None
-    except FarmError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _settings(ctx: click.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,7 +30,7 @@ def _settings(ctx: click.Context) -> Settings:
 @click.pass_context
 def main(ctx: click.Context, home: Path | None) -> None:
     """PixArt-δ render farm: submit prompt files, render them on GPU workers, collect the dataset."""
-    with _errors():
+    with errors():
         ctx.obj = load_settings(home=str(home) if home else None)
 
 
@@ -132,8 +115,8 @@ def submit(
     from farm.db import open_store
     from farm.submit import SubmitOptions, plan_submission, record, store_conditions
 
-    settings = _settings(ctx)
-    with _errors():
+    settings = settings_of(ctx)
+    with errors():
         options = SubmitOptions(
             dataset=dataset,
             model=model or settings.default_model,
@@ -175,8 +158,8 @@ def dispatch(ctx: click.Context, dataset: str | None) -> None:
     from farm.db import open_store
     from farm.status import dataset_id
 
-    settings = _settings(ctx)
-    with _errors():
+    settings = settings_of(ctx)
+    with errors():
         engine = open_store(settings)
         ds_id = dataset_id(engine, dataset) if dataset else None
         _dispatch(settings, engine, ds_id)
@@ -189,8 +172,8 @@ def reap(ctx: click.Context) -> None:
     from farm.db import open_store
     from farm.states import reap_expired
 
-    settings = _settings(ctx)
-    with _errors():
+    settings = settings_of(ctx)
+    with errors():
         engine = open_store(settings)
         with engine.begin() as conn:
             reaped = reap_expired(conn, max_attempts=settings.max_attempts)
@@ -268,8 +251,8 @@ def worker(
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
-    with _errors():
-        settings = with_overrides(_settings(ctx), device=device, dtype=dtype, queue=queue)
+    with errors():
+        settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
         from farm.db import open_store
 
         open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
@@ -301,8 +284,8 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
     from farm.db import open_store
     from farm.status import all_statuses, dataset_status
 
-    settings = _settings(ctx)
-    with _errors():
+    settings = settings_of(ctx)
+    with errors():
         engine = open_store(settings)
         if watch:
             if not dataset:
@@ -340,8 +323,8 @@ def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_jso
     from farm.db import open_store
     from farm.status import list_jobs
 
-    with _errors():
-        rows = list_jobs(open_store(_settings(ctx)), dataset, state=state, limit=limit)
+    with errors():
+        rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, limit=limit)
     for row in rows:
         if as_json:
             click.echo(json.dumps(row.__dict__))
@@ -352,240 +335,19 @@ def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_jso
         )
 
 
-# ---- db / models / config -----------------------------------------------------------------------------
-
-
-@main.group()
-def db() -> None:
-    """Job database schema."""
-
-
-@db.command("upgrade")
-@click.pass_context
-def db_upgrade(ctx: click.Context) -> None:
-    """Apply migrations to the configured database (production runs this once per release)."""
-    from farm.db import current_revision, make_engine, upgrade
-
-    settings = _settings(ctx)
-    with _errors():
-        engine = make_engine(settings.database_url)
-        upgrade(engine)
-        click.echo(f"{redact(settings.database_url)} is at revision {current_revision(engine)}")
-
-
-@main.group()
-def models() -> None:
-    """Model profiles and the offline tiny model."""
-
-
-@models.command("list")
-@click.pass_context
-def models_list(ctx: click.Context) -> None:
-    """The built-in profiles and where each loads from."""
-    from farm.profiles import CONTROLNET_PROFILES, PROFILES
-
-    settings = _settings(ctx)
-    click.echo("models (--model):")
-    for profile in PROFILES.values():
-        click.echo(
-            f"  {profile.name:<22} {profile.native_size}px  {profile.source(settings)}\n"
-            f"  {'':<22} {profile.description}"
-        )
-    click.echo("controlnets (--controlnet):")
-    for adapter in CONTROLNET_PROFILES.values():
-        click.echo(f"  {adapter.name:<22} {adapter.source(settings)}\n  {'':<22} {adapter.description}")
-
-
-@models.command("make-tiny")
-@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random weights.")
-@click.pass_context
-def models_make_tiny(ctx: click.Context, directory: Path | None, seed: int) -> None:
-    """Write a tiny random-weight PixArt-α pipeline (default: FARM_HOME/models/tiny), fully offline."""
-    from models.tiny import make_tiny
-
-    target = directory or _settings(ctx).models_dir / "tiny"
-    path = make_tiny(target, seed=seed)
-    click.echo(f"tiny PixArt pipeline written to {path}")
-
-
-@models.command("make-tiny-controlnet")
-@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--model-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Tiny pipeline whose transformer the adapter copies (default: FARM_HOME/models/tiny, made if missing).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random projections.")
-@click.pass_context
-def models_make_tiny_controlnet(ctx: click.Context, directory: Path | None, model_dir: Path | None, seed: int) -> None:
-    """Write a tiny random-weight ControlNet adapter (default: FARM_HOME/models/tiny-controlnet), offline."""
-    from models.controlnet import make_tiny_controlnet
-    from models.tiny import make_tiny
-
-    settings = _settings(ctx)
-    source = model_dir or settings.models_dir / "tiny"
-    if not any((source / name).is_file() for name in ("model_index.json", "config.json")):
-        if model_dir is not None:
-            raise click.BadParameter(
-                f"{source} is neither a pipeline (model_index.json) nor a transformer folder (config.json)",
-                param_hint="--model-dir",
-            )
-        make_tiny(source)
-        click.echo(f"tiny PixArt pipeline written to {source}")
-    target = directory or settings.models_dir / "tiny-controlnet"
-    path = make_tiny_controlnet(target, transformer_source=source, seed=seed)
-    click.echo(f"tiny ControlNet adapter written to {path}")
-
-
-# ---- condition ----------------------------------------------------------------------------------------
-
-
-@main.group()
-def condition() -> None:
-    """Make ControlNet condition images from ordinary images."""
-
-
-@condition.command("canny")
-@click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--low", type=click.IntRange(0, 255), default=100, show_default=True, help="Canny lower threshold.")
-@click.option("--high", type=click.IntRange(0, 255), default=200, show_default=True, help="Canny upper threshold.")
-def condition_canny(in_path: Path, out_path: Path, low: int, high: int) -> None:
-    """Write the Canny edges of IN to OUT as a 3-channel PNG condition image (white edges on black)."""
-    from models.conditions import canny
-
-    try:
-        written = canny(in_path, out_path, low=low, high=high)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
-    click.echo(f"edges written to {written}")
-
-
-@main.group(invoke_without_command=True)
-@click.option("--model", default="bench-small", show_default=True, help="Profile, folder or hub id to render.")
-@click.option("--prompts", type=click.IntRange(min=1), default=32, show_default=True, help="Images per side.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="B: images per pipeline call in (b) and in the farm's workers.",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="`farm worker` processes for (c)."
-)
-@click.option("--width", type=int, default=None, help="Image width (default: the model's size).")
-@click.option("--height", type=int, default=None, help="Image height (default: the model's size).")
-@click.option("--steps", type=click.IntRange(min=1, max=50), default=4, show_default=True, help="LCM steps.")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write every figure to this JSON file.",
-)
-@click.pass_context
-def bench(
-    ctx: click.Context,
-    model: str,
-    prompts: int,
-    batch_size: int,
-    workers: int,
-    width: int | None,
-    height: int | None,
-    steps: int,
-    json_path: Path | None,
-) -> None:
-    """Images/s of (a) bare diffusers one by one, (b) bare diffusers in batches, (c) the whole farm."""
-    if ctx.invoked_subcommand is not None:
-        return
-    settings = _settings(ctx)
-    with _errors():
-        from workers.bench import run_bench, summary
-
-        result = run_bench(
-            settings,
-            model=model,
-            prompts=prompts,
-            batch_size=batch_size,
-            workers=workers,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            progress=lambda line: click.echo(line, err=True),
-        )
-    click.echo(summary(result))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-        click.echo(f"figures written to {json_path}")
-
-
-@bench.command("submit")
-@click.option(
-    "--prompts",
-    type=click.IntRange(min=1),
-    default=100_000,
-    show_default=True,
-    help="Distinct prompts to submit and dispatch.",
-)
-@click.option(
-    "--status-jobs",
-    type=click.IntRange(min=1),
-    default=1_000_000,
-    show_default=True,
-    help="Jobs in the dataset that `farm status` is timed on.",
-)
-@click.option(
-    "--status-runs",
-    type=click.IntRange(min=1),
-    default=7,
-    show_default=True,
-    help="Timed `farm status` queries (after one warm-up).",
-)
-@click.option("--keep", is_flag=True, help="Keep the benchmark datasets instead of deleting them.")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write every figure to this JSON file.",
-)
-@click.pass_context
-def bench_submit_command(
-    ctx: click.Context, prompts: int, status_jobs: int, status_runs: int, keep: bool, json_path: Path | None
-) -> None:
-    """Submit + dispatch time for many prompts, and `farm status` latency on a big dataset, on this store."""
-    import tempfile
-
-    from farm.bench_submit import bench_submit
-
-    settings = _settings(ctx)
-    with _errors(), tempfile.TemporaryDirectory(prefix="farm-bench-") as workdir:
-        result = bench_submit(
-            settings,
-            prompts=prompts,
-            status_jobs=status_jobs,
-            status_runs=status_runs,
-            workdir=Path(workdir),
-            keep=keep,
-            progress=lambda line: click.echo(line, err=True),
-        )
-    click.echo(json.dumps(result, indent=2))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-
-
 @main.command("config")
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Print the effective settings, secrets masked."""
-    for key, value in _settings(ctx).describe().items():
+    for key, value in settings_of(ctx).describe().items():
         click.echo(f"{key} = {value}")
 
 
-def _unused(*_: Any) -> None:  # pragma: no cover - keeps ConfigError imported for callers' isinstance checks
-    raise ConfigError("unreachable")
+def _register_tools() -> None:
+    from farm.cli_tools import bench, condition, db, models
+
+    for group in (db, models, condition, bench):
+        main.add_command(group)
+
+
+_register_tools()
