@@ -1,18 +1,20 @@
-"""Prompt files: .txt (one prompt a line), .jsonl (one object a line) and .csv (a header with `prompt`)."""
+"""Prompts: .txt (one a line), .jsonl (one object a line), .csv (a header with `prompt`), .parquet (a `prompt`
+column), or a Python list of strings or dicts (farm.Client)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from farm.errors import InvalidSubmission
 
-FORMATS = (".txt", ".jsonl", ".csv")
+FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+IN_MEMORY = "<prompts>"  # the name errors give a list of prompts passed in Python
 
 # Per-row fields a file may carry; `steps` is accepted as the short spelling of num_inference_steps.
 ROW_FIELDS = (
@@ -25,8 +27,24 @@ ROW_FIELDS = (
     "images_per_prompt",
     "control_image",  # a condition image; a relative path resolves against the prompt file's folder
     "conditioning_scale",
+    "negative_prompt",  # accepted and counted, never used: see NEGATIVE_PROMPT_NOTE
 )
 ALIASES = {"steps": "num_inference_steps"}
+NEGATIVE_PROMPT_NOTE = (
+    "negative_prompt is ignored: the LCM model has guidance distilled in (guidance_scale 0), so it has no "
+    "unconditional branch for a negative prompt to replace; with guidance_scale > 1 diffusers would use one, "
+    "but the farm does not pass it to the pipeline"
+)
+
+
+class RowNumber(int):
+    """A 1-based row of a table (parquet, a Python list); prints as `row N`, so errors read `file.parquet:row 3`."""
+
+    def __str__(self) -> str:
+        return f"row {int(self)}"
+
+    def __format__(self, spec: str) -> str:
+        return str(self) if not spec else format(int(self), spec)
 
 
 @dataclass(frozen=True)
@@ -39,13 +57,15 @@ class Row:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """Read every row of a prompt file; a malformed row raises InvalidSubmission naming file and line."""
+    """Read every row of a prompt file; a malformed row raises InvalidSubmission naming file and line (or row)."""
     name = str(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise InvalidSubmission(
             f"unsupported file type {suffix or '(none)'}; use one of {', '.join(FORMATS)}", path=name
         )
+    if suffix == ".parquet":
+        return _nonempty(name, [Row(name, line, _canonical(name, line, fields)) for line, fields in _parquet(path)])
     try:
         # utf-8-sig: spreadsheet exports start with a BOM, which would otherwise hide the `prompt` header.
         text = path.read_text(encoding="utf-8-sig")
@@ -56,10 +76,61 @@ def read_rows(path: Path) -> list[Row]:
     except OSError as exc:
         raise InvalidSubmission(f"cannot read: {exc.strerror}", path=name) from None
     reader = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv}[suffix]
-    rows = [Row(name, line, _canonical(name, line, fields)) for line, fields in reader(name, text)]
+    return _nonempty(name, [Row(name, line, _canonical(name, line, fields)) for line, fields in reader(name, text)])
+
+
+def rows_from_records(records: Iterable[str | Mapping[str, Any]], name: str = IN_MEMORY) -> list[Row]:
+    """Rows from prompts given in Python: strings, or dicts with the fields a .jsonl line may have.
+
+    Errors name `<prompts>:row N`, N counting from 1 (records[N - 1]).
+    """
+    if isinstance(records, str | bytes | Mapping):
+        raise InvalidSubmission(
+            f"prompts must be a list of strings or dicts, or a path, got {type(records).__name__}", path=name
+        )
+    rows = []
+    for index, record in enumerate(records):
+        line = RowNumber(index + 1)
+        if isinstance(record, str):
+            fields: dict[str, Any] = {"prompt": record}
+        elif isinstance(record, Mapping):
+            fields = {str(k): v for k, v in record.items() if v is not None}
+        else:
+            raise InvalidSubmission(
+                f"each prompt must be a string or a dict, got {type(record).__name__}", path=name, line=line
+            )
+        rows.append(Row(name, line, _canonical(name, line, fields)))
+    return _nonempty(name, rows)
+
+
+def _nonempty(name: str, rows: list[Row]) -> list[Row]:
     if not rows:
-        raise InvalidSubmission("no prompts in file", path=name)
+        raise InvalidSubmission("no prompts in file" if name != IN_MEMORY else "no prompts given", path=name)
     return rows
+
+
+def _parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a parquet file, batch by batch; a null cell is an absent field, as an empty CSV cell is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = str(path)
+    if not path.is_file():
+        raise InvalidSubmission("file not found" if not path.exists() else "not a file", path=name)
+    try:
+        table = pq.ParquetFile(path)
+        columns = table.schema_arrow.names
+        if "prompt" not in columns:
+            raise InvalidSubmission(f"the file must have a 'prompt' column, got {columns}", path=name)
+        index = 0
+        for batch in table.iter_batches(batch_size=10_000):
+            for record in batch.to_pylist():
+                index += 1
+                fields = {k: v for k, v in record.items() if v is not None}
+                if fields:
+                    yield RowNumber(index), fields
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidSubmission(f"not a readable parquet file ({type(exc).__name__}: {exc})", path=name) from None
 
 
 def _lines(text: str) -> list[str]:

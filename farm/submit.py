@@ -1,38 +1,79 @@
-"""Submitting: validate every row of a prompt file, then record the dataset and its jobs in one transaction."""
+"""Submitting: validate every row of a prompt file, then record the dataset and its jobs in one transaction.
+
+submit_file and submit_plan are what `farm submit` and farm.Client both call: plan, print the job count,
+store condition images, record, dispatch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, MetaData, Table, insert, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from farm.conditions import ConditionImage, ConditionImages, store_condition
-from farm.errors import InvalidSubmission
-from farm.inputs import Row, read_rows
+from farm.errors import ConfigError, InvalidSubmission
+from farm.fields import (  # the limits are re-exported: callers have always found them here
+    CONDITIONING_SCALE_RANGE,
+    GUIDANCE_RANGE,
+    IMAGES_PER_PROMPT_RANGE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    OPTIONS,
+    SIZE_MULTIPLE,
+    SIZE_RANGE,
+    STEPS_RANGE,
+    check_field,
+    field_error,
+)
+from farm.grid import Axis, parse_grid, variations
+from farm.inputs import NEGATIVE_PROMPT_NOTE, Row, read_rows
 from farm.profiles import resolve_controlnet, resolve_model
 from farm.schema import Dataset, Job, JobStatus, utcnow
 from farm.storage import Storage
 
-DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_SEED = 2**63 - 1
-MAX_PROMPT_CHARS = 10_000
-_INSERT_CHUNK = 5_000
+if TYPE_CHECKING:
+    from farm.dispatch import Dispatched
+    from farm.settings import Settings
 
-# Limits (inclusive). Sizes must be multiples of 16: the VAE downsamples by 8 and the transformer's patches are 2.
-SIZE_RANGE = (64, 4096)
-SIZE_MULTIPLE = 16
-STEPS_RANGE = (1, 50)  # LCM cannot take more steps than its 50 original ones
-GUIDANCE_RANGE = (0.0, 30.0)
-IMAGES_PER_PROMPT_RANGE = (1, 10_000)
-CONDITIONING_SCALE_RANGE = (0.0, 2.0)
+__all__ = [
+    "CONDITIONING_SCALE_RANGE",
+    "GUIDANCE_RANGE",
+    "IMAGES_PER_PROMPT_RANGE",
+    "MAX_PROMPT_CHARS",
+    "MAX_SEED",
+    "SIZE_MULTIPLE",
+    "SIZE_RANGE",
+    "STEPS_RANGE",
+    "JobSpec",
+    "Plan",
+    "Recorded",
+    "SubmitOptions",
+    "SubmitResult",
+    "derive_seed",
+    "dispatch_dataset",
+    "dry_run_lines",
+    "plan_rows",
+    "plan_submission",
+    "record",
+    "storage_for",
+    "store_conditions",
+    "submit_file",
+    "submit_plan",
+    "summary_lines",
+    "validate_dataset_name",
+]
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_INSERT_CHUNK = 5_000
 QUANTIZE_CHOICES = ("none", "int8")
 
 
@@ -52,6 +93,7 @@ class SubmitOptions:
     controlnet: str | None = None  # profile, diffusers folder, .pth/.safetensors file or hub id
     conditioning_scale: float = 1.0  # for rows without their own; ignored without a controlnet
     quantize: str | None = None  # "int8", or None / "none" for full precision
+    vary: tuple[str, ...] = ()  # grid axes, as `--vary` gives them: "seed=0..7", "size=1024x1024,768x1344"
 
 
 @dataclass(frozen=True)
@@ -96,6 +138,15 @@ class Plan:
     duplicates: int
     ids: list[str]  # specs[i]'s job id, computed once
     conditions: tuple[ConditionImage, ...] = ()  # distinct condition images, to store before recording
+    rows: int = 0  # prompt rows read
+    variations: int = 1  # grid variations of each row (1 without --vary)
+    images_per_prompt: int = 1  # the option's value; a row may set its own
+    negative_prompts: int = 0  # rows with a negative_prompt, which is not used (NEGATIVE_PROMPT_NOTE)
+
+    @property
+    def planned(self) -> int:
+        """Jobs the rows expand to, duplicates included."""
+        return len(self.specs) + self.duplicates
 
 
 @dataclass(frozen=True)
@@ -121,7 +172,31 @@ def validate_dataset_name(name: str) -> str:
 
 
 def plan_submission(path: Path, options: SubmitOptions) -> Plan:
-    """Read and validate every row before anything is written; the first bad value raises."""
+    """Read and validate every row before anything is written; the first bad value raises.
+
+    Options are checked before the file is read, so a bad option is reported even for a bad file.
+    """
+    setup = _setup(options, base_dir=path.expanduser().absolute().parent)
+    return _plan(setup, read_rows(path))
+
+
+def plan_rows(rows: Sequence[Row], options: SubmitOptions, *, base_dir: Path) -> Plan:
+    """plan_submission for rows already read (farm.Client's lists); relative control_image paths use base_dir."""
+    return _plan(_setup(options, base_dir=base_dir), rows)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The options of a submission, checked once before any row."""
+
+    options: SubmitOptions
+    model: str
+    defaults: dict[str, Any]
+    control: _Control
+    grid: _Grid
+
+
+def _setup(options: SubmitOptions, *, base_dir: Path) -> _Setup:
     validate_dataset_name(options.dataset)
     model = resolve_model(options.model)
     defaults = {
@@ -133,14 +208,20 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
         "images_per_prompt": options.images_per_prompt,
     }
     _check_defaults(defaults, options.seed)
-    control = _control_context(path, options)
+    control = _control_context(base_dir, options)
+    return _Setup(options, model.name, defaults, control, _grid(options, control))
+
+
+def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
+    options, control, grid = setup.options, setup.control, setup.grid
     specs: list[JobSpec] = []
     ids: list[str] = []
     seen: set[str] = set()
     occurrences: Counter[str] = Counter()
-    duplicates = 0
-    for row in read_rows(path):
-        for spec in _expand(row, defaults, options.seed, model.name, occurrences, control):
+    duplicates = negative_prompts = 0
+    for row in rows:
+        negative_prompts += _has_negative_prompt(row)
+        for spec in _expand(row, setup.defaults, options.seed, setup.model, occurrences, control, grid):
             job_id = spec.job_id(options.dataset)
             if job_id in seen:
                 duplicates += 1
@@ -148,7 +229,17 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
             seen.add(job_id)
             specs.append(spec)
             ids.append(job_id)
-    return Plan(options.dataset, specs, duplicates, ids, control.images.distinct())
+    return Plan(
+        options.dataset,
+        specs,
+        duplicates,
+        ids,
+        control.images.distinct(),
+        rows=len(rows),
+        variations=len(grid.variations),
+        images_per_prompt=options.images_per_prompt,
+        negative_prompts=negative_prompts,
+    )
 
 
 def store_conditions(plan: Plan, storage: Storage) -> Plan:
@@ -217,6 +308,173 @@ def record(engine: Engine, plan: Plan) -> Recorded:
     return Recorded(dataset_id, plan.dataset, added, len(plan.specs) - added)
 
 
+Echo = Callable[[str], None]
+SAMPLE_JOBS = 5  # jobs a dry run shows
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What a submission did; a dry run writes nothing, so its new_jobs and already_present are 0."""
+
+    dataset: str
+    planned: int  # jobs the rows (and grid) expand to, duplicates included
+    jobs: int  # distinct jobs
+    duplicates: int
+    conditions: int  # distinct condition images: stored, or to be stored in a dry run
+    negative_prompts: int  # rows whose negative_prompt was ignored
+    dry_run: bool = False
+    dataset_id: int | None = None  # None in a dry run
+    new_jobs: int = 0
+    already_present: int = 0
+    dispatched: int | None = None  # jobs published to the broker; None when not dispatched
+    tasks: int | None = None
+    plan: Plan | None = field(default=None, repr=False, compare=False)
+
+
+def submit_file(
+    settings: Settings,
+    path: Path,
+    options: SubmitOptions,
+    *,
+    dispatch: bool = True,
+    dry_run: bool = False,
+    echo: Echo | None = None,
+) -> SubmitResult:
+    """`farm submit`: plan the file, then submit_plan. Nothing is written unless every row is valid."""
+    return submit_plan(settings, plan_submission(path, options), dispatch=dispatch, dry_run=dry_run, echo=echo)
+
+
+def submit_plan(
+    settings: Settings,
+    plan: Plan,
+    *,
+    dispatch: bool = True,
+    dry_run: bool = False,
+    echo: Echo | None = None,
+    engine: Engine | None = None,
+) -> SubmitResult:
+    """Report the job count, then (unless a dry run) store condition images, record and dispatch.
+
+    Progress lines go to `echo`; the first, the job count, comes before anything is written. A dry run
+    touches no database, storage or broker. With the broker down the jobs are recorded as pending and
+    BrokerUnavailable is raised; `farm dispatch` (or Client.dispatch) sends them later.
+    """
+    say = echo or _silent
+    for line in summary_lines(plan):
+        say(line)
+    result = SubmitResult(
+        plan.dataset,
+        plan.planned,
+        len(plan.specs),
+        plan.duplicates,
+        len(plan.conditions),
+        plan.negative_prompts,
+        dry_run=dry_run,
+        plan=plan,
+    )
+    if dry_run:
+        for line in dry_run_lines(plan):
+            say(line)
+        return result
+    # 1. Condition images first: a recorded job must never name one that is not stored.
+    started = time.perf_counter()
+    if plan.conditions:
+        plan = store_conditions(plan, storage_for(settings))
+        say(f"{len(plan.conditions)} condition images stored")
+    # 2. One transaction for the dataset and its jobs.
+    from farm.db import open_store
+
+    own_engine = engine is None
+    store = open_store(settings) if engine is None else engine
+    try:
+        recorded = record(store, plan)
+        note = f" ({plan.duplicates} duplicate rows folded)" if plan.duplicates else ""
+        say(
+            f"dataset {recorded.dataset}: {recorded.new_jobs} new jobs, {recorded.already_present} "
+            f"already present{note}, recorded in {time.perf_counter() - started:.2f} s"
+        )
+        result = replace(
+            result,
+            plan=plan,
+            dataset_id=recorded.dataset_id,
+            new_jobs=recorded.new_jobs,
+            already_present=recorded.already_present,
+        )
+        if not dispatch:
+            return result
+        # 3. Publish the pending jobs (ids only) and mark them queued.
+        sent = dispatch_dataset(settings, store, recorded.dataset_id, echo=say)
+        return replace(result, dispatched=sent.jobs, tasks=sent.tasks)
+    finally:
+        if own_engine:
+            store.dispose()
+
+
+def dispatch_dataset(
+    settings: Settings, engine: Engine, dataset_id: int | None, *, echo: Echo | None = None
+) -> Dispatched:
+    """Publish the pending jobs of one dataset (or all), reporting how many went out."""
+    from farm.broker import make_celery
+    from farm.dispatch import dispatch_pending
+
+    started = time.perf_counter()
+    sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
+    (echo or _silent)(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")
+    return sent
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    """The job count (`12 prompts × 16 variations = 192 jobs`) and notes, shown before anything is written."""
+    terms = [f"{plan.rows} prompts"]
+    uniform = plan.rows * plan.images_per_prompt * plan.variations == plan.planned
+    if plan.images_per_prompt != 1 and uniform:
+        terms.append(f"{plan.images_per_prompt} images")
+    if plan.variations != 1:
+        terms.append(f"{plan.variations} variations")
+    count = " × ".join(terms) + f" = {plan.planned} jobs"
+    if not uniform:
+        count += " (rows set their own images_per_prompt)"
+    if plan.duplicates:
+        count += f", {len(plan.specs)} distinct ({plan.duplicates} duplicates folded)"
+    lines = [count]
+    if plan.negative_prompts:
+        lines.append(f"note: {NEGATIVE_PROMPT_NOTE} ({plan.negative_prompts} rows had one)")
+    return lines
+
+
+def dry_run_lines(plan: Plan, samples: int = SAMPLE_JOBS) -> list[str]:
+    """What a dry run shows: the condition images it would store and a few of the jobs."""
+    lines = ["dry run: nothing written (no database, storage or broker was touched)"]
+    if plan.conditions:
+        lines.append(f"{len(plan.conditions)} condition images would be stored:")
+        lines += [f"  {image.path} ({image.format}, sha256 {image.sha256[:12]})" for image in plan.conditions]
+    lines.append(f"first {min(samples, len(plan.specs))} of {len(plan.specs)} jobs:")
+    for spec, job_id in zip(plan.specs[:samples], plan.ids, strict=False):
+        control = f"  control {spec.control_sha256[:12]} × {spec.conditioning_scale}" if spec.control_sha256 else ""
+        prompt = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:59] + "…"
+        lines.append(
+            f"  {job_id[:12]}  line {spec.source_line}  seed {spec.seed}  {spec.width}x{spec.height}  "
+            f"steps {spec.num_inference_steps}  guidance {spec.guidance_scale}{control}  {prompt!r}"
+        )
+    return lines
+
+
+def _silent(_line: str) -> None:
+    """An echo that drops the line (farm.Client reports through its return value)."""
+
+
+def storage_for(settings: Settings) -> Storage:
+    """The storage these settings name; a malformed URL is a ConfigError."""
+    from farm.storage import open_storage
+
+    try:
+        return open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 _STAGED_COLUMNS = (
     "id",
     "dataset_id",
@@ -281,10 +539,44 @@ def _insert_ignoring_conflicts(conn: Connection, table: type[Any] = Job) -> Any:
 
 
 def _check_defaults(defaults: dict[str, Any], seed: int) -> None:
-    fake = Row("(options)", 0, {})
-    for field, value in defaults.items():
-        _validated(fake, field, value, option=True)
-    _validated(fake, "seed", seed, option=True)
+    for name, value in defaults.items():
+        check_field(OPTIONS, name, value, option=True)
+    check_field(OPTIONS, "seed", seed, option=True)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The --vary axes of a submission, expanded once."""
+
+    axes: tuple[Axis, ...]
+    variations: list[dict[str, Any]]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(name for axis in self.axes for name in axis.fields)
+
+
+def _grid(options: SubmitOptions, control: _Control) -> _Grid:
+    axes = parse_grid(options.vary)
+    grid = _Grid(axes, variations(axes))
+    if "seed" in grid.fields and options.images_per_prompt != 1:
+        raise InvalidSubmission(
+            f"--vary seed sets every image's seed, so --images-per-prompt must be 1, got {options.images_per_prompt}",
+            field="images_per_prompt",
+            value=options.images_per_prompt,
+        )
+    if "conditioning_scale" in grid.fields and control.controlnet is None:
+        raise InvalidSubmission(
+            "--vary conditioning_scale needs --controlnet", field="vary", value="conditioning_scale"
+        )
+    return grid
+
+
+def _has_negative_prompt(row: Row) -> bool:
+    value = row.fields.get("negative_prompt")
+    if value is not None and not isinstance(value, str):
+        raise field_error(row, "negative_prompt", value, "negative_prompt must be text")
+    return bool(value and value.strip())
 
 
 @dataclass(frozen=True)
@@ -299,27 +591,29 @@ class _Control:
     images: ConditionImages
 
 
-def _control_context(path: Path, options: SubmitOptions) -> _Control:
+def _control_context(base_dir: Path, options: SubmitOptions) -> _Control:
     """Resolve the ControlNet options once; a default condition image is decoded here, before any row."""
-    fake = Row("(options)", 0, {})
+    fake = OPTIONS
     controlnet = resolve_controlnet(options.controlnet) if options.controlnet is not None else None
     quantize = options.quantize
     if quantize not in (None, *QUANTIZE_CHOICES):
-        raise _bad(fake, "quantize", quantize, f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}", option=True)
-    scale = _validated(fake, "conditioning_scale", options.conditioning_scale, option=True)
+        raise field_error(
+            fake, "quantize", quantize, f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}", option=True
+        )
+    scale = check_field(fake, "conditioning_scale", options.conditioning_scale, option=True)
     images = ConditionImages()
     default_image = None
     if options.control_image is not None:
         value = str(options.control_image)
         if controlnet is None:
-            raise _bad(fake, "control_image", value, "--controlnet is required with control images", option=True)
+            raise field_error(fake, "control_image", value, "--controlnet is required with control images", option=True)
         default_image = images.check(Path(value).expanduser().absolute(), origin=None, line=None, value=value)
     return _Control(
         controlnet=controlnet,
         default_image=default_image,
         default_scale=scale,
         quantize=None if quantize == "none" else quantize,
-        base_dir=path.expanduser().absolute().parent,
+        base_dir=base_dir,
         images=images,
     )
 
@@ -330,19 +624,21 @@ def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None,
     image = control.default_image
     if raw is not None:
         if not isinstance(raw, str) or not raw.strip():
-            raise _bad(row, "control_image", raw, "control_image must be a path to an image file")
+            raise field_error(row, "control_image", raw, "control_image must be a path to an image file")
         if control.controlnet is None:
-            raise _bad(row, "control_image", raw, "--controlnet is required with control images")
+            raise field_error(row, "control_image", raw, "--controlnet is required with control images")
         given = Path(raw.strip()).expanduser()
         image = control.images.check(
             given if given.is_absolute() else control.base_dir / given, origin=row.path, line=row.line, value=raw
         )
     if "conditioning_scale" in row.fields and control.controlnet is None:
-        raise _bad(row, "conditioning_scale", row.fields["conditioning_scale"], "conditioning_scale needs --controlnet")
+        raise field_error(
+            row, "conditioning_scale", row.fields["conditioning_scale"], "conditioning_scale needs --controlnet"
+        )
     if control.controlnet is None:
         return None, None, None
     if image is None:
-        raise _bad(
+        raise field_error(
             row,
             "control_image",
             raw,
@@ -350,7 +646,7 @@ def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None,
         )
     scale = control.default_scale
     if "conditioning_scale" in row.fields:
-        scale = _validated(row, "conditioning_scale", row.fields["conditioning_scale"])
+        scale = check_field(row, "conditioning_scale", row.fields["conditioning_scale"])
     return control.controlnet, scale, image.sha256
 
 
@@ -361,96 +657,50 @@ def _expand(
     model: str,
     occurrences: Counter[str],
     control: _Control,
+    grid: _Grid,
 ) -> list[JobSpec]:
     fields = {**defaults, **row.fields}
-    prompt = _validated(row, "prompt", fields.get("prompt"))
-    values = {k: _validated(row, k, fields[k]) for k in defaults}
-    explicit_seed = _validated(row, "seed", fields["seed"]) if "seed" in fields else None
+    prompt = check_field(row, "prompt", fields.get("prompt"))
+    for name in grid.fields:
+        # A row's own value would silently win over the grid, or the grid over it: neither is what was meant.
+        if name in row.fields:
+            raise field_error(row, name, row.fields[name], f"the row sets {name}, which --vary also sets")
+    values = {k: check_field(row, k, fields[k]) for k in defaults}
+    explicit_seed = check_field(row, "seed", fields["seed"]) if "seed" in fields else None
+    if "seed" in grid.fields and values["images_per_prompt"] != 1:
+        raise field_error(
+            row, "images_per_prompt", fields["images_per_prompt"], "--vary seed needs images_per_prompt 1"
+        )
     controlnet, conditioning_scale, control_sha256 = _row_control(row, control)
     occurrence = occurrences[prompt]
     occurrences[prompt] += 1
     specs = []
-    for index in range(values["images_per_prompt"]):
-        if explicit_seed is not None:
-            seed = explicit_seed + index
-            if seed > MAX_SEED:
-                raise _bad(row, "seed", explicit_seed, f"seed + images_per_prompt exceeds {MAX_SEED}")
-        else:
-            seed = derive_seed(base_seed, prompt, occurrence, index)
-        specs.append(
-            JobSpec(
-                prompt,
-                seed,
-                values["width"],
-                values["height"],
-                values["num_inference_steps"],
-                values["guidance_scale"],
-                model,
-                row.line,
-                controlnet=controlnet,
-                conditioning_scale=conditioning_scale,
-                control_sha256=control_sha256,
-                quantize=control.quantize,
+    for variation in grid.variations:
+        varied = {**values, **variation}
+        for index in range(values["images_per_prompt"]):
+            if "seed" in variation:
+                seed = variation["seed"]
+            elif explicit_seed is not None:
+                seed = explicit_seed + index
+                if seed > MAX_SEED:
+                    raise field_error(row, "seed", explicit_seed, f"seed + images_per_prompt exceeds {MAX_SEED}")
+            else:
+                # Not varied by the grid: one prompt's variations share their seeds, so they compare.
+                seed = derive_seed(base_seed, prompt, occurrence, index)
+            specs.append(
+                JobSpec(
+                    prompt,
+                    seed,
+                    varied["width"],
+                    varied["height"],
+                    varied["num_inference_steps"],
+                    varied["guidance_scale"],
+                    model,
+                    int(row.line),
+                    controlnet=controlnet,
+                    conditioning_scale=varied.get("conditioning_scale", conditioning_scale) if controlnet else None,
+                    control_sha256=control_sha256,
+                    quantize=control.quantize,
+                )
             )
-        )
     return specs
-
-
-def _bad(row: Row, field: str, value: Any, message: str, option: bool = False) -> InvalidSubmission:
-    if option:
-        return InvalidSubmission(f"{message}, got {value!r}", field=field, value=value)
-    return InvalidSubmission(f"{message}, got {value!r}", path=row.path, line=row.line, field=field, value=value)
-
-
-def _validated(row: Row, field: str, value: Any, option: bool = False) -> Any:
-    """Convert and range-check one field; the error names file, line, field and value."""
-    if field == "prompt":
-        if not isinstance(value, str) or not value.strip():
-            raise _bad(row, field, value, "missing or empty prompt")
-        if len(value) > MAX_PROMPT_CHARS:
-            raise _bad(row, field, f"{value[:40]}…", f"prompt longer than {MAX_PROMPT_CHARS} characters")
-        return value.strip()
-    if field in ("guidance_scale", "conditioning_scale"):
-        number = _number(row, field, value, float, option)
-        low, high = GUIDANCE_RANGE if field == "guidance_scale" else CONDITIONING_SCALE_RANGE
-        if not low <= number <= high:
-            raise _bad(row, field, value, f"{field} must be between {low} and {high}", option)
-        return number
-    number = _number(row, field, value, int, option)
-    if field in ("width", "height"):
-        low, high = SIZE_RANGE
-        if not low <= number <= high:
-            raise _bad(row, field, value, f"{field} must be between {low} and {high}", option)
-        if number % SIZE_MULTIPLE:
-            raise _bad(row, field, value, f"{field} must be a multiple of {SIZE_MULTIPLE}", option)
-    elif field == "num_inference_steps":
-        low, high = STEPS_RANGE
-        if not low <= number <= high:
-            raise _bad(row, field, value, f"num_inference_steps must be between {low} and {high}", option)
-    elif field == "images_per_prompt":
-        low, high = IMAGES_PER_PROMPT_RANGE
-        if not low <= number <= high:
-            raise _bad(row, field, value, f"images_per_prompt must be between {low} and {high}", option)
-    elif field == "seed" and not 0 <= number <= MAX_SEED:
-        raise _bad(row, field, value, f"seed must be between 0 and {MAX_SEED}", option)
-    return number
-
-
-def _number(row: Row, field: str, value: Any, kind: type, option: bool) -> Any:
-    if isinstance(value, bool):
-        raise _bad(row, field, value, f"{field} must be a number", option)
-    if kind is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-            return int(value)
-        raise _bad(row, field, value, f"{field} must be an integer", option)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _bad(row, field, value, f"{field} must be a number", option) from None
-    if number != number:  # NaN
-        raise _bad(row, field, value, f"{field} must be a number", option)
-    return number

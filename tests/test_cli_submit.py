@@ -157,3 +157,59 @@ def test_missing_file_and_unknown_model_exit_2(home: Path, tmp_path: Path, promp
     assert model.exit_code == 2
     assert "unknown model" in model.output
     assert _counts(home) == (0, 0)
+
+
+def test_submit_prints_the_job_count_first(home: Path, prompts: Path) -> None:
+    result = _farm(home, "submit", str(prompts), "--dataset", "d", "--no-dispatch", "--vary", "steps=2..4")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == f"{N} prompts × 3 variations = {3 * N} jobs"
+    assert _counts(home) == (1, 3 * N)
+
+
+def test_dry_run_validates_shows_the_plan_and_writes_nothing(home: Path, prompts: Path) -> None:
+    result = _farm(home, "submit", str(prompts), "--dataset", "d", "--dry-run", "--vary", "seed=0..1")
+    assert result.exit_code == 0, result.output
+    assert f"{N} prompts × 2 variations = {2 * N} jobs" in result.output
+    assert "dry run: nothing written" in result.output
+    assert "first 5 of 8 jobs:" in result.output
+    assert "a red fox in snow" in result.output
+    assert "dispatched" not in result.output
+    assert not home.exists()  # no job database, no broker database, no storage folder
+    assert _counts(home) == (0, 0)
+
+
+def test_dry_run_still_rejects_bad_input(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "x", "steps": 0}\n', encoding="utf-8")
+    result = _farm(home, "submit", str(bad), "--dataset", "d", "--dry-run")
+    assert result.exit_code == 2
+    assert f"{bad}:2" in result.output
+    assert not home.exists()
+
+
+def test_negative_prompt_gets_one_note(home: Path, tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,negative_prompt\na fox,blurry\na cat,\na whale,low quality\n", encoding="utf-8")
+    result = _farm(home, "submit", str(path), "--dataset", "d", "--no-dispatch")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "negative_prompt is ignored" in line]
+    assert len(notes) == 1
+    assert "the LCM model has guidance distilled in (guidance_scale 0)" in notes[0]
+    assert "(2 rows had one)" in notes[0]
+    assert _counts(home) == (1, 3)
+
+
+def test_parquet_file(home: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a fox", "a cat"], "seed": [1, None], "width": [256, None]}), path)
+    result = _farm(home, "submit", str(path), "--dataset", "d", "--no-dispatch")
+    assert result.exit_code == 0, result.output
+    assert "dataset d: 2 new jobs" in result.output
+    pq.write_table(pa.table({"prompt": ["a fox", "a cat"], "width": [256, 1001]}), path)
+    bad = _farm(home, "submit", str(path), "--dataset", "e", "--no-dispatch")
+    assert bad.exit_code == 2
+    assert f"{path}:row 2" in bad.output
+    assert _counts(home) == (1, 2)

@@ -1,14 +1,15 @@
-"""farm.inputs: .txt, .jsonl and .csv prompt files, with line numbers and errors that name file and line."""
+"""farm.inputs: .txt, .jsonl, .csv and .parquet prompt files, and lists from Python, with errors naming the place."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from farm.errors import InvalidSubmission
-from farm.inputs import read_rows
+from farm.inputs import IN_MEMORY, read_rows, rows_from_records
 
 
 def _write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
@@ -197,3 +198,130 @@ def test_control_fields_are_row_fields(tmp_path: Path) -> None:
     (row,) = read_rows(_write(tmp_path, "p.jsonl", text))
     # Kept raw: the path is resolved and the image decoded by farm.submit, which knows the file's folder.
     assert row.fields == {"prompt": "a", "control_image": "edges/a.png", "conditioning_scale": 0.5}
+
+
+# ---- parquet ------------------------------------------------------------------------------------------
+
+
+def _parquet(tmp_path: Path, columns: dict[str, list[Any]], name: str = "p.parquet") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_rows_numbered_from_one_with_nulls_absent(tmp_path: Path) -> None:
+    path = _parquet(
+        tmp_path,
+        {
+            "prompt": ["a fox", "a whale", "a cat"],
+            "seed": [5, None, 7],
+            "width": [256, 512, None],
+            "steps": [2, None, None],
+        },
+    )
+    rows = read_rows(path)
+    assert [r.line for r in rows] == [1, 2, 3]
+    assert [r.fields for r in rows] == [
+        {"prompt": "a fox", "seed": 5, "width": 256, "num_inference_steps": 2},
+        {"prompt": "a whale", "width": 512},
+        {"prompt": "a cat", "seed": 7},
+    ]
+    assert all(r.path == str(path) for r in rows)
+
+
+def test_parquet_error_names_the_row(tmp_path: Path) -> None:
+    path = _parquet(tmp_path, {"prompt": ["a", "b", "c"], "style": [None, None, "noir"]})
+    with pytest.raises(InvalidSubmission) as info:
+        read_rows(path)
+    assert (info.value.line, info.value.field, info.value.value) == (3, "style", "noir")
+    assert f"{path}:row 3" in str(info.value)
+
+
+def test_parquet_bad_value_names_the_row_through_submit(tmp_path: Path) -> None:
+    from farm.submit import SubmitOptions, plan_submission
+
+    path = _parquet(tmp_path, {"prompt": ["a", "b", "c", "d"], "width": [256, None, 256, 1001]})
+    with pytest.raises(InvalidSubmission) as info:
+        plan_submission(path, SubmitOptions(dataset="d"))
+    assert (info.value.line, info.value.field, info.value.value) == (4, "width", 1001)
+    assert f"{path}:row 4: field 'width'" in str(info.value)
+    assert "multiple of 16" in str(info.value)
+
+
+def test_parquet_null_prompt_is_a_missing_prompt(tmp_path: Path) -> None:
+    from farm.submit import SubmitOptions, plan_submission
+
+    path = _parquet(tmp_path, {"prompt": ["a", None], "seed": [1, 2]})
+    with pytest.raises(InvalidSubmission) as info:
+        plan_submission(path, SubmitOptions(dataset="d"))
+    assert info.value.line == 2
+    assert f"{path}:row 2" in str(info.value)
+    assert "missing or empty prompt" in str(info.value)
+
+
+def test_parquet_without_prompt_column(tmp_path: Path) -> None:
+    path = _parquet(tmp_path, {"text": ["a"]})
+    with pytest.raises(InvalidSubmission) as info:
+        read_rows(path)
+    assert "'prompt' column" in str(info.value)
+    assert "'text'" in str(info.value)
+
+
+def test_parquet_that_is_not_parquet(tmp_path: Path) -> None:
+    path = _write(tmp_path, "p.parquet", "prompt\na\n")
+    with pytest.raises(InvalidSubmission) as info:
+        read_rows(path)
+    assert str(path) in str(info.value)
+    assert "not a readable parquet file" in str(info.value)
+
+
+def test_empty_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    path = _parquet(tmp_path, {"prompt": pa.array([], type=pa.string())})
+    with pytest.raises(InvalidSubmission, match="no prompts"):
+        read_rows(path)
+
+
+def test_missing_parquet(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSubmission, match="not found"):
+        read_rows(tmp_path / "nope.parquet")
+
+
+# ---- negative_prompt and prompts from Python ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("p.jsonl", json.dumps({"prompt": "a", "negative_prompt": "blurry"}) + "\n"),
+        ("p.csv", "prompt,negative_prompt\na,blurry\n"),
+    ],
+)
+def test_negative_prompt_is_an_accepted_field(tmp_path: Path, name: str, text: str) -> None:
+    (row,) = read_rows(_write(tmp_path, name, text))
+    assert row.fields == {"prompt": "a", "negative_prompt": "blurry"}
+
+
+def test_rows_from_records_mixes_strings_and_dicts() -> None:
+    rows = rows_from_records(["a fox", {"prompt": "a cat", "steps": 2, "seed": None}])
+    assert [(r.path, r.line, r.fields) for r in rows] == [
+        (IN_MEMORY, 1, {"prompt": "a fox"}),
+        (IN_MEMORY, 2, {"prompt": "a cat", "num_inference_steps": 2}),
+    ]
+
+
+def test_rows_from_records_errors_name_the_row() -> None:
+    with pytest.raises(InvalidSubmission) as info:
+        rows_from_records(["a", "b", {"prompt": "c", "colour": "red"}])
+    assert info.value.line == 3
+    assert f"{IN_MEMORY}:row 3: field 'colour'" in str(info.value)
+    with pytest.raises(InvalidSubmission, match="string or a dict, got int"):
+        rows_from_records(["a", 7])  # type: ignore[list-item]
+    with pytest.raises(InvalidSubmission, match="no prompts"):
+        rows_from_records([])
+    with pytest.raises(InvalidSubmission, match="list of strings or dicts"):
+        rows_from_records("a single prompt")

@@ -13,14 +13,19 @@ from sqlalchemy.engine import Engine
 
 from farm.db import ensure_schema, make_engine
 from farm.errors import InvalidSubmission
+from farm.inputs import rows_from_records
 from farm.schema import Dataset, Job, JobStatus
+from farm.settings import Settings, load_settings
 from farm.submit import (
     MAX_SEED,
     JobSpec,
     SubmitOptions,
     derive_seed,
+    plan_rows,
     plan_submission,
     record,
+    submit_file,
+    summary_lines,
     validate_dataset_name,
 )
 
@@ -358,3 +363,88 @@ def test_bulk_20k_prompts(engine: Engine, tmp_path: Path) -> None:
     assert recorded.new_jobs == 20_000
     assert _count(engine, Job) == 20_000
     assert record(engine, plan).new_jobs == 0
+
+
+# ---- submit_file: the count first, negative prompts, dry runs -------------------------------------------
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return load_settings({}, home=str(tmp_path / "home"), **overrides)
+
+
+def test_count_is_reported_before_anything_is_written(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    path = _txt(tmp_path, ["a", "b", "c"])
+    seen: list[tuple[str, bool]] = []
+
+    def echo(line: str) -> None:
+        # What exists at the moment each line is reported: the database file is created by the write.
+        seen.append((line, (settings.home / "farm.db").exists()))
+
+    options = SubmitOptions(dataset="d", vary=("seed=0..3", "size=256x256,128x192"))
+    result = submit_file(settings, path, options, dispatch=False, echo=echo)
+    assert seen[0] == ("3 prompts × 8 variations = 24 jobs", False)
+    assert seen[-1][1] is True
+    assert (result.planned, result.jobs, result.new_jobs, result.dispatched) == (24, 24, 24, None)
+    assert result.dataset_id is not None
+
+
+def test_images_per_prompt_and_duplicates_in_the_count(tmp_path: Path) -> None:
+    plan = plan_submission(_txt(tmp_path, ["a", "b", "a"]), SubmitOptions(dataset="d", images_per_prompt=2))
+    assert summary_lines(plan) == ["3 prompts × 2 images = 6 jobs"]  # repeats of a prompt get new seeds
+    path = _jsonl(tmp_path, [{"prompt": "a", "seed": 1}, {"prompt": "a", "seed": 1}, {"prompt": "b"}])
+    assert summary_lines(plan_submission(path, SubmitOptions(dataset="d"))) == [
+        "3 prompts = 3 jobs, 2 distinct (1 duplicates folded)"
+    ]
+
+
+def test_negative_prompt_is_accepted_counted_and_not_stored(engine: Engine, tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "a", "negative_prompt": "blurry"},
+        {"prompt": "b", "negative_prompt": ""},
+        {"prompt": "c"},
+        {"prompt": "d", "negative_prompt": "low quality"},
+    ]
+    plain = plan_submission(_jsonl(tmp_path, [{"prompt": r["prompt"]} for r in rows], "plain.jsonl"), _opts())
+    plan = plan_submission(_jsonl(tmp_path, rows), _opts())
+    assert plan.negative_prompts == 2
+    assert plan.ids == plain.ids  # not part of the job: the same image either way
+    (count, note) = summary_lines(plan)
+    assert count == "4 prompts = 4 jobs"
+    assert "negative_prompt is ignored: the LCM model has guidance distilled in (guidance_scale 0)" in note
+    assert "does not pass it" in note
+    assert "(2 rows had one)" in note
+    assert len(summary_lines(plain)) == 1
+
+
+def _opts() -> SubmitOptions:
+    return SubmitOptions(dataset="d")
+
+
+def test_negative_prompt_must_be_text(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path, [{"prompt": "a", "negative_prompt": 3}])
+    err = _invalid(path)
+    assert (err.line, err.field, err.value) == (1, "negative_prompt", 3)
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    lines: list[str] = []
+    path = _txt(tmp_path, [f"prompt {i}" for i in range(8)] + ["prompt 0"])
+    result = submit_file(settings, path, _opts(), dry_run=True, echo=lines.append)
+    assert result.dry_run
+    assert (result.planned, result.jobs, result.duplicates, result.new_jobs) == (9, 9, 0, 0)
+    assert result.plan is not None and len(result.plan.specs) == 9
+    assert lines[0] == "9 prompts = 9 jobs"
+    assert any(line.startswith("dry run: nothing written") for line in lines)
+    assert "first 5 of 9 jobs:" in lines
+    assert not settings.home.exists()  # no database, no broker file, no storage folder
+
+
+def test_plan_rows_from_python_records(tmp_path: Path) -> None:
+    plan = plan_rows(rows_from_records(["a", {"prompt": "b", "seed": 3}]), _opts(), base_dir=tmp_path)
+    assert [(s.prompt, s.source_line) for s in plan.specs] == [("a", 1), ("b", 2)]
+    assert plan.specs[1].seed == 3
+    with pytest.raises(InvalidSubmission) as info:
+        plan_rows(rows_from_records(["a", {"prompt": "b", "steps": 99}]), _opts(), base_dir=tmp_path)
+    assert "<prompts>:row 2: field 'num_inference_steps'" in str(info.value)

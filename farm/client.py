@@ -1,0 +1,294 @@
+"""farm.Client: submit prompts, follow a dataset and read its finished images from Python (notebooks).
+
+A thin layer over the functions `farm submit`, `farm status` and `farm dispatch` call, so it validates
+exactly as the CLI does (InvalidSubmission, naming the file and line, or `<prompts>:row N` for a list).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.engine import Engine
+
+from farm.errors import InvalidSubmission, StorageError
+from farm.inputs import FORMATS, rows_from_records
+from farm.schema import Job, JobStatus
+from farm.settings import Settings, load_settings
+from farm.status import DatasetStatus, dataset_id, dataset_status
+from farm.storage import LocalStorage, S3Storage, Storage, object_key
+from farm.submit import SubmitOptions, SubmitResult, plan_rows, plan_submission, storage_for, submit_plan
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from farm.dispatch import Dispatched
+
+__all__ = ["Client", "FinishedImage", "SubmitResult"]
+
+_PAGE = 500
+# submit(**options): SubmitOptions' fields, and `steps` as the CLI spells num_inference_steps.
+_OPTION_NAMES = tuple(f.name for f in fields(SubmitOptions) if f.name not in ("dataset", "vary"))
+
+Prompts = Sequence[str] | Sequence[Mapping[str, Any]] | str | os.PathLike[str]
+Vary = Sequence[str] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class FinishedImage:
+    """One job of a dataset and, once it succeeded, its image in the farm's storage."""
+
+    job_id: str
+    dataset: str
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    model: str
+    state: str
+    source_line: int | None
+    uri: str | None
+    sha256: str | None
+    bytes: int | None
+    _storage: Storage = field(repr=False, compare=False)
+
+    def read_bytes(self) -> builtins.bytes:
+        """The PNG as stored, checked against the SHA-256 recorded when it was rendered."""
+        if self.uri is None:
+            raise StorageError(f"job {self.job_id} has no image (it is {self.state})")
+        data = self._storage.get(_key_of(self._storage, self.uri, self.dataset, self.job_id))
+        if self.sha256 and hashlib.sha256(data).hexdigest() != self.sha256:
+            raise StorageError(f"the image of job {self.job_id} at {self.uri} does not match its recorded sha256")
+        return data
+
+    def open(self) -> Image.Image:
+        """The image as a PIL image, fully decoded."""
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.read_bytes()))
+        image.load()
+        return image
+
+
+class Client:
+    """The farm from Python: `Client().submit(["a red fox"], "foxes")`, `.wait("foxes")`, `.images("foxes")`."""
+
+    def __init__(self, settings: Settings | None = None, *, home: str | os.PathLike[str] | None = None) -> None:
+        if settings is not None and home is not None:
+            raise TypeError("give settings or home, not both (home is one of the settings)")
+        self.settings = settings if settings is not None else load_settings(home=None if home is None else str(home))
+        self._engine: Engine | None = None
+        self._storage: Storage | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The job database, opened (and for the embedded default, created) on first use."""
+        if self._engine is None:
+            from farm.db import open_store
+
+            self._engine = open_store(self.settings)
+        return self._engine
+
+    @property
+    def storage(self) -> Storage:
+        """The storage the images are in, opened on first use."""
+        if self._storage is None:
+            self._storage = storage_for(self.settings)
+        return self._storage
+
+    def submit(
+        self,
+        prompts: Prompts,
+        dataset: str,
+        *,
+        vary: Vary | None = None,
+        dispatch: bool = True,
+        dry_run: bool = False,
+        **options: Any,
+    ) -> SubmitResult:
+        """Validate every prompt, then record and dispatch the jobs, as `farm submit` does.
+
+        prompts: a path to a .txt/.jsonl/.csv/.parquet file, or a list of prompt strings or of dicts with the
+        fields a .jsonl line may have. options: model, width, height, steps (num_inference_steps),
+        guidance_scale, images_per_prompt, seed, control_image, controlnet, conditioning_scale, quantize.
+        vary: ["seed=0..7", "size=1024x1024,768x1344"] or {"seed": range(8), "size": [(1024, 1024)]}.
+        A bad value raises InvalidSubmission and writes nothing; dry_run=True only plans (result.plan).
+        """
+        submit_options = self._options(dataset, vary, options)
+        if isinstance(prompts, str | os.PathLike):
+            path = Path(prompts)
+            if path.suffix.lower() not in FORMATS:
+                raise InvalidSubmission(
+                    f"a path to a {', '.join(FORMATS)} file, or a list of prompts, is needed; "
+                    "for one prompt pass [prompt]",
+                    path=str(prompts),
+                )
+            plan = plan_submission(path, submit_options)
+        else:
+            # Relative control_image paths in the dicts resolve against the working folder.
+            plan = plan_rows(rows_from_records(prompts), submit_options, base_dir=Path.cwd())
+        engine = None if dry_run else self.engine
+        return submit_plan(self.settings, plan, dispatch=dispatch, dry_run=dry_run, engine=engine)
+
+    def dispatch(self, dataset: str | None = None) -> Dispatched:
+        """Publish pending jobs (after a broker outage, or submit(dispatch=False)), as `farm dispatch`."""
+        from farm.submit import dispatch_dataset
+
+        ds_id = dataset_id(self.engine, dataset) if dataset is not None else None
+        return dispatch_dataset(self.settings, self.engine, ds_id)
+
+    def status(self, dataset: str) -> DatasetStatus:
+        """Counts per state, images/s and ETA; UnknownDataset for a name never submitted."""
+        return dataset_status(self.engine, dataset)
+
+    def wait(self, dataset: str, timeout_s: float | None = None, poll_s: float = 1.0) -> DatasetStatus:
+        """Poll until every job has finished (succeeded, failed or canceled); TimeoutError after timeout_s."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status = self.status(dataset)
+            if status.done:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"dataset {dataset!r} not finished after {timeout_s} s: {status.finished}/{status.total} "
+                    f"finished, counts {status.counts}"
+                )
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+
+    def images(self, dataset: str, *, state: str | None = "succeeded") -> Iterator[FinishedImage]:
+        """A dataset's jobs in one state (all with state=None), in file order, read page by page."""
+        if state is not None and state not in {s.value for s in JobStatus}:
+            raise ValueError(f"state must be one of {', '.join(s.value for s in JobStatus)} or None, got {state!r}")
+        ds_id = dataset_id(self.engine, dataset)
+        line = func.coalesce(Job.source_line, 0)
+        columns = (
+            Job.id,
+            Job.prompt,
+            Job.seed,
+            Job.width,
+            Job.height,
+            Job.num_inference_steps,
+            Job.guidance_scale,
+            Job.model,
+            Job.status,
+            Job.source_line,
+            Job.output_uri,
+            Job.sha256,
+            Job.bytes,
+        )
+        after: tuple[int, str] | None = None
+        while True:
+            query = select(*columns).where(Job.dataset_id == ds_id).order_by(line, Job.id).limit(_PAGE)
+            if state is not None:
+                query = query.where(Job.status == state)
+            if after is not None:
+                query = query.where(or_(line > after[0], and_(line == after[0], Job.id > after[1])))
+            with self.engine.connect() as conn:
+                page = conn.execute(query).all()
+            for row in page:
+                yield FinishedImage(
+                    job_id=row.id,
+                    dataset=dataset,
+                    prompt=row.prompt,
+                    seed=row.seed,
+                    width=row.width,
+                    height=row.height,
+                    num_inference_steps=row.num_inference_steps,
+                    guidance_scale=row.guidance_scale,
+                    model=row.model,
+                    state=row.status,
+                    source_line=row.source_line,
+                    uri=row.output_uri,
+                    sha256=row.sha256,
+                    bytes=row.bytes,
+                    _storage=self.storage,
+                )
+            if len(page) < _PAGE:
+                return
+            after = (page[-1].source_line or 0, page[-1].id)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _options(self, dataset: str, vary: Vary | None, options: dict[str, Any]) -> SubmitOptions:
+        if "steps" in options:
+            if "num_inference_steps" in options:
+                raise TypeError("give steps or num_inference_steps, not both")
+            options["num_inference_steps"] = options.pop("steps")
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
+        if unknown:
+            raise TypeError(
+                f"unknown submit option(s) {', '.join(unknown)}; options: steps, {', '.join(_OPTION_NAMES)}"
+            )
+        if options.get("control_image") is not None:
+            options["control_image"] = Path(options["control_image"])
+        if options.get("quantize") == "none":
+            options["quantize"] = None
+        options.setdefault("model", self.settings.default_model)
+        return SubmitOptions(dataset=dataset, vary=_vary_texts(vary), **options)
+
+
+def _vary_texts(vary: Vary | None) -> tuple[str, ...]:
+    """--vary option texts from a list of them or from {axis: values}."""
+    if vary is None:
+        return ()
+    if isinstance(vary, str):
+        return (vary,)
+    if not isinstance(vary, Mapping):
+        return tuple(str(text) for text in vary)
+    texts = []
+    for axis, values in vary.items():
+        if isinstance(values, str):
+            spec = values
+        elif isinstance(values, range) and values.step == 1 and len(values) > 0:
+            spec = f"{values.start}..{values.stop - 1}"
+        elif isinstance(values, Iterable):
+            spec = ",".join(_vary_item(value) for value in values)
+        else:
+            spec = _vary_item(values)
+        texts.append(f"{axis}={spec}")
+    return tuple(texts)
+
+
+def _vary_item(value: Any) -> str:
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return f"{value[0]}x{value[1]}"  # a size
+    return str(value)
+
+
+def _key_of(storage: Storage, uri: str, dataset: str, job_id: str) -> str:
+    """The key of a recorded image URI in this storage; StorageError if it lies elsewhere."""
+    standard = object_key(storage.prefix, dataset, job_id)
+    if storage.uri_for(standard) == uri:
+        return standard
+    parts = urlsplit(uri)
+    if isinstance(storage, S3Storage) and parts.scheme == "s3" and parts.netloc == storage.bucket:
+        return unquote(parts.path.lstrip("/"))
+    if isinstance(storage, LocalStorage) and parts.scheme == "file":
+        path = Path(unquote(parts.path))
+        if path.is_relative_to(storage.root):
+            return path.relative_to(storage.root).as_posix()
+    raise StorageError(f"{uri} is not in the farm's storage, {storage.describe()}")
