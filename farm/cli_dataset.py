@@ -1,0 +1,109 @@
+"""`farm export` and `farm url`: getting a dataset, or one image, out of the farm."""
+
+from __future__ import annotations
+
+import click
+
+from farm.cli_common import errors, settings_of
+from farm.errors import ConfigError
+from farm.export import FORMATS
+from farm.settings import Settings
+from farm.storage import Storage
+
+__all__ = ["export", "url"]
+
+
+def _farm_storage(settings: Settings) -> Storage:
+    from farm.storage import open_storage
+
+    try:
+        return open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@click.command()
+@click.argument("dataset")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    required=True,
+    help="parquet or jsonl (one row per image, part files), webdataset (tar shards of image + json) "
+    "or imagefolder (images + metadata.jsonl for Hugging Face datasets).",
+)
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    help="Destination: a local folder or s3://bucket/prefix (the farm's S3 endpoint and region). "
+    "Re-running to the same place adds only rows not exported there yet.",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Images per WebDataset shard.",
+)
+@click.pass_context
+def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int) -> None:
+    """Export the finished images of DATASET, one row per image, in a format training code reads."""
+    from farm.db import open_store
+    from farm.export import describe_files, export_dataset
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        try:
+            result = export_dataset(
+                engine,
+                _farm_storage(settings),
+                dataset,
+                fmt=fmt,
+                to=to,
+                s3_endpoint_url=settings.s3_endpoint_url,
+                s3_region=settings.s3_region,
+                shard_size=shard_size,
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        finally:
+            engine.dispose()
+    click.echo(
+        f"exported {result.new_rows} new rows of {dataset} as {fmt} to {to} "
+        f"({result.total_rows} in all): {describe_files(result.files)}"
+    )
+
+
+@click.command()
+@click.argument("job")
+@click.option(
+    "--expires-s",
+    type=click.IntRange(min=1, max=7 * 24 * 3600),
+    default=3600,
+    show_default=True,
+    help="Seconds the URL stays valid (S3 allows at most 7 days).",
+)
+@click.pass_context
+def url(ctx: click.Context, job: str, expires_s: int) -> None:
+    """Print a presigned URL for JOB's image (the file:// URI for local storage)."""
+    from farm.db import open_store
+    from farm.export import NoSuchJob, job_output_uri, presigned_url
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        try:
+            uri = job_output_uri(engine, job)
+        except NoSuchJob as exc:
+            raise click.BadParameter(str(exc), param_hint="JOB") from None
+        finally:
+            engine.dispose()
+        try:
+            link = presigned_url(_farm_storage(settings), uri, expires_s)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(link)
