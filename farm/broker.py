@@ -47,7 +47,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport_options(settings),
         "broker_use_ssl": _broker_tls(settings.broker_url),
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Task events (sent, received, started, succeeded, failed) are what Flower shows; cheap next to a render.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "enable_utc": True,
     }
 

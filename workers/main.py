@@ -18,6 +18,7 @@ def run_worker(
     max_batch: int | None = None,
     io_threads: int = 2,
     low_memory: bool = False,
+    metrics_port: int = 0,
 ) -> None:
     """Run until stopped (SIGTERM finishes the current task first, then exits)."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -26,7 +27,14 @@ def run_worker(
 
         torch.set_num_threads(torch_threads)
     name = name or default_worker_name()
-    app = create_app(settings, worker_name=name, max_batch=max_batch, io_threads=io_threads, low_memory=low_memory)
+    app = create_app(
+        settings,
+        worker_name=name,
+        max_batch=max_batch,
+        io_threads=io_threads,
+        low_memory=low_memory,
+        metrics_port=metrics_port,
+    )
     app.worker_main(
         argv=[
             "worker",

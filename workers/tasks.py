@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm import states
+from farm.storage import StoredObject
+from workers.metrics import METRICS
 from workers.results import record_batch
 from workers.runtime import WorkerRuntime
 from workers.uploads import Rendered
@@ -43,6 +45,7 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
         claimed = states.claim(
             conn, job_ids, worker=rt.name, lease_s=rt.settings.lease_s, max_attempts=rt.settings.max_attempts
         )
+        METRICS.observe_queue_wait(conn, [job.id for job in claimed])
     outcome = Outcome(claimed=len(claimed), skipped=len(job_ids) - len(claimed))
     rt.stats.claimed += len(claimed)
     rt.stats.skipped += outcome.skipped
@@ -52,13 +55,23 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
         outcome.rendered += len(rendered)
         outcome.render_failed += len(failures)
         if failures:
+            METRICS.count_errors("render", len(failures))
             record_batch(rt, [], failures)
         # 3. Encode, upload, confirm and mark succeeded in the background; blocks when the pool is full.
         if rendered:
-            rt.uploader.submit(rendered, lambda done, failed: record_batch(rt, done, failed))
+            rt.uploader.submit(rendered, lambda done, failed: _uploaded(rt, done, failed))
     if wait:
         rt.uploader.drain()
     return outcome
+
+
+def _uploaded(
+    rt: WorkerRuntime,
+    done: list[tuple[states.Claimed, StoredObject, int]],
+    failed: list[tuple[states.Claimed, BaseException]],
+) -> None:
+    METRICS.count_errors("upload", len(failed))
+    record_batch(rt, done, failed)
 
 
 def _batches(jobs: list[states.Claimed], size: int) -> Iterator[list[states.Claimed]]:
@@ -104,7 +117,8 @@ def _render(
         started = time.perf_counter()
         # T5 runs once per distinct prompt in this process: repeats (other seeds) come from the cache.
         images = render_batch(pipe, requests, prompt_cache=caches.prompts, model_key=caches.prompt_key(first), **extra)
-        per_image_ms = round((time.perf_counter() - started) * 1000 / len(batch))
+        per_image_s = (time.perf_counter() - started) / len(batch)
+        per_image_ms = round(per_image_s * 1000)
     except Exception as exc:
         if len(batch) == 1:
             return [], [(batch[0], exc)]
@@ -117,6 +131,7 @@ def _render(
             failures += bad
         return rendered, failures
     rt.stats.rendered += len(batch)
+    METRICS.observe_render(len(batch), per_image_s)
     rt.stats.render_ms += per_image_ms * len(batch)
     return [
         Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms) for j, image in zip(batch, images, strict=True)

@@ -1,0 +1,97 @@
+"""Worker metrics: the Prometheus endpoint of a real `farm worker`, the metrics object, and Flower's events."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from farm.broker import celery_config
+from farm.settings import load_settings
+from tests.support.processes import Worker, farm_env, run_farm, wait_until
+from tests.support.s3 import free_port
+from workers.metrics import WorkerMetrics
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) → value, from Prometheus exposition text."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_celery_task_events_are_on_for_flower(tmp_path: Path) -> None:
+    conf = celery_config(load_settings({}, home=str(tmp_path)))
+    assert conf["worker_send_task_events"] is True
+    assert conf["task_send_sent_event"] is True
+
+
+def test_metrics_object_counts_renders_errors_and_cache_stats() -> None:
+    metrics = WorkerMetrics()
+    before = _samples(metrics.render_text())
+    assert before[("errors_total", (("kind", "render"),))] == 0  # present before the first error
+    assert before[("errors_total", (("kind", "upload"),))] == 0
+    assert not any(name.startswith("cache_") for name, _ in before)  # no caches yet: nothing invented
+
+    metrics.observe_render(4, 0.3)
+    metrics.observe_render(1, 2.0)
+    metrics.count_errors("upload", 2)
+    metrics.count_errors("render", 0)
+    metrics.track_caches(lambda: {"prompts": {"hits": 7, "misses": 3, "entries": 3}, "t5_loads": 1})
+    after = _samples(metrics.render_text())
+    assert after[("images_rendered_total", ())] == 5
+    assert after[("render_seconds_count", ())] == 5
+    assert after[("render_seconds_sum", ())] == pytest.approx(3.2)
+    assert after[("render_seconds_bucket", (("le", "0.5"),))] == 4
+    assert after[("errors_total", (("kind", "upload"),))] == 2
+    assert after[("errors_total", (("kind", "render"),))] == 0
+    assert after[("cache_hits_total", (("cache", "prompts"),))] == 7
+    assert after[("cache_misses_total", (("cache", "prompts"),))] == 3
+    assert after[("cache_entries", (("cache", "prompts"),))] == 3
+
+
+@pytest.mark.integration
+def test_a_real_worker_serves_its_metrics(tmp_path: Path, tiny_model: Path) -> None:
+    """Embedded default, tiny model: three images, then scrape /metrics over HTTP."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model, home / "models" / "tiny")
+    env = farm_env(FARM_HOME=str(home))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na green sphere\na blue cone\n")
+    submitted = run_farm(["submit", str(prompts), "--dataset", "metrics"], env)
+    assert submitted.returncode == 0, submitted.stderr
+
+    port = free_port()
+    worker = Worker(env, tmp_path / "worker.log", extra_args=("--metrics-port", str(port)))
+    try:
+
+        def done() -> bool:
+            result = run_farm(["status", "metrics", "--json"], env)
+            return result.returncode == 0 and json.loads(result.stdout)["counts"]["succeeded"] == 3
+
+        wait_until(done, timeout_s=240, what="three images", worker=worker)
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            text = response.read().decode("utf-8")
+    finally:
+        worker.stop()
+
+    samples = _samples(text)
+    assert samples[("images_rendered_total", ())] == 3, text
+    assert samples[("render_seconds_count", ())] == 3
+    assert samples[("render_seconds_sum", ())] > 0
+    assert samples[("queue_wait_seconds_count", ())] == 3
+    assert samples[("errors_total", (("kind", "render"),))] == 0
+    assert samples[("errors_total", (("kind", "upload"),))] == 0
+    caches = {dict(labels)["cache"] for name, labels in samples if name == "cache_hits_total"}
+    assert {"pipelines", "prompts"} <= caches, caches
+    # The pipeline was loaded once (a miss); the three prompts were each encoded once (misses).
+    assert samples[("cache_misses_total", (("cache", "pipelines"),))] == 1
+    assert samples[("cache_misses_total", (("cache", "prompts"),))] == 3
