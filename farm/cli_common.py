@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import click
 
-from farm.errors import FarmError, InvalidSubmission, UnknownDataset
+from farm.errors import BrokerUnavailable, FarmError, InvalidSubmission, UnknownDataset
 from farm.settings import Settings
 
 
@@ -26,3 +29,21 @@ def settings_of(ctx: click.Context) -> Settings:
     settings = ctx.obj
     assert isinstance(settings, Settings)
     return settings
+
+
+def dispatch_or_warn(settings: Settings, engine: Any, dataset_id: int | None) -> None:
+    """Publish pending jobs; if the broker is away, say that nothing is lost and exit 3."""
+    from farm.broker import make_celery
+    from farm.dispatch import dispatch_pending
+
+    started = time.perf_counter()
+    try:
+        sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
+    except BrokerUnavailable as exc:
+        click.echo(
+            f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
+            "run `farm dispatch` once the broker is back.",
+            err=True,
+        )
+        sys.exit(3)
+    click.echo(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, or_, select, update
 from sqlalchemy.engine import Connection
 
-from farm.schema import UNFINISHED, Job, JobStatus, utcnow
+from farm.schema import UNFINISHED, Dataset, Job, JobStatus, utcnow
 from farm.storage import StoredObject
 
 # SQLite allows 32766 bound parameters; stay far below for IN lists.
@@ -85,6 +85,7 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
     claimable = and_(
         _id_in(conn, job_ids),
         Job.attempts < max_attempts,
+        Job.dataset_id.not_in(select(Dataset.id).where(Dataset.paused)),
         or_(
             Job.status.in_([JobStatus.PENDING.value, JobStatus.QUEUED.value]),
             and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
@@ -258,3 +259,35 @@ def cancel(conn: Connection, *, dataset_id: int | None = None, job_ids: Sequence
 
 def _chunks(items: Sequence[str]) -> list[Sequence[str]]:
     return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+def set_paused(conn: Connection, dataset_id: int, paused: bool) -> None:
+    """Pause or resume a dataset: workers skip a paused dataset's jobs (their messages are dropped)."""
+    conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(paused=paused))
+
+
+def requeue_queued(conn: Connection, dataset_id: int) -> int:
+    """queued → pending for a dataset, so dispatch sends them again (after a pause dropped their messages)."""
+    return conn.execute(
+        update(Job)
+        .where(Job.dataset_id == dataset_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.PENDING.value)
+    ).rowcount
+
+
+def retry_failed(conn: Connection, dataset_id: int) -> int:
+    """failed → pending with a fresh set of attempts; the last error stays until the job succeeds."""
+    return conn.execute(
+        update(Job)
+        .where(Job.dataset_id == dataset_id, Job.status == JobStatus.FAILED.value)
+        .values(status=JobStatus.PENDING.value, attempts=0, finished_at=None, worker=None)
+    ).rowcount
+
+
+def extend_leases(conn: Connection, *, worker: str, lease_s: int) -> int:
+    """Renew the lease of every job this worker holds (rendering, or waiting for its upload)."""
+    return conn.execute(
+        update(Job)
+        .where(Job.worker == worker, Job.status == JobStatus.RUNNING.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    ).rowcount

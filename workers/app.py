@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from farm.broker import RENDER_TASK, make_celery
 from farm.settings import Settings
+from workers.metrics import METRICS, start_metrics_server
 from workers.runtime import WorkerRuntime
 from workers.tasks import render_jobs
 
@@ -25,8 +26,14 @@ def create_app(
     max_batch: int | None = None,
     io_threads: int = 2,
     low_memory: bool = False,
+    metrics_port: int = 0,
 ) -> Celery:
-    """A Celery app whose render task builds its runtime (engine, storage, pipelines) on first use."""
+    """A Celery app whose render task builds its runtime (engine, storage, pipelines) on first use.
+
+    metrics_port > 0 serves Prometheus metrics there (workers/metrics.py) from now on.
+    """
+    if metrics_port:
+        start_metrics_server(metrics_port)
     app = make_celery(settings, "farm-worker")
     # One process per device: a solo pool renders one task at a time in the main thread.
     app.conf.update(worker_pool="solo", worker_concurrency=1)
@@ -40,6 +47,7 @@ def create_app(
                     settings, app, worker_name, max_batch=max_batch, io_threads=io_threads, low_memory=low_memory
                 )
             )
+            METRICS.track_caches(runtime[0].caches.stats)
         try:
             outcome = render_jobs(runtime[0], list(job_ids))
             log.info("caches: %s", runtime[0].caches.stats())
@@ -57,6 +65,7 @@ def create_app(
         if runtime:
             rt = runtime[0]
             rt.uploader.close()
+            rt.leases.stop()  # after the uploads: their jobs stay this worker's until recorded
             log.info("worker stopped: %s; caches: %s", rt.stats, rt.caches.stats())
 
     return app

@@ -15,6 +15,7 @@ from farm.db import make_engine
 from farm.schema import Dataset
 from farm.settings import Settings
 from farm.storage import Storage, open_storage
+from workers.leases import LeaseKeeper
 from workers.pipelines import PipelineCache, RenderCaches
 from workers.uploads import Uploader
 
@@ -51,6 +52,7 @@ class WorkerRuntime:
     storage: Storage
     caches: RenderCaches
     uploader: Uploader
+    leases: LeaseKeeper
     max_batch: int
     stats: WorkerStats = field(default_factory=WorkerStats)
     _dataset_names: dict[int, str] = field(default_factory=dict)
@@ -85,13 +87,7 @@ class WorkerRuntime:
         # Two batches may wait for storage while a third renders; beyond that the render loop waits.
         uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch)
         caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory), low_memory=low_memory)
-        return cls(
-            settings,
-            app,
-            name or default_worker_name(),
-            make_engine(settings.database_url),
-            storage,
-            caches,
-            uploader,
-            batch,
-        )
+        name = name or default_worker_name()
+        engine = make_engine(settings.database_url)
+        leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s).start()
+        return cls(settings, app, name, engine, storage, caches, uploader, leases, batch)

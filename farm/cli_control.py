@@ -1,0 +1,86 @@
+"""`farm cancel`, `farm retry`, `farm pause`, `farm resume`: steering datasets that are already submitted."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from farm import states
+from farm.cli_common import dispatch_or_warn, errors, settings_of
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@click.command()
+@click.argument("target")
+@click.pass_context
+def cancel(ctx: click.Context, target: str) -> None:
+    """Cancel every unfinished job of a dataset, or one job by its id."""
+    from farm.db import open_store
+    from farm.status import dataset_id
+
+    with errors():
+        engine = open_store(settings_of(ctx))
+        with engine.begin() as conn:
+            if JOB_ID.match(target):
+                moved = states.cancel(conn, job_ids=[target])
+                what = f"job {target}"
+            else:
+                moved = states.cancel(conn, dataset_id=dataset_id(engine, target))
+                what = f"dataset {target}"
+    click.echo(f"{what}: {moved} unfinished jobs canceled (a worker rendering one discards its result)")
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("--failed", is_flag=True, required=True, help="Retry the failed jobs (with a fresh set of attempts).")
+@click.pass_context
+def retry(ctx: click.Context, dataset: str, failed: bool) -> None:
+    """Send a dataset's failed jobs again."""
+    from farm.db import open_store
+    from farm.status import dataset_id
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        ds_id = dataset_id(engine, dataset)
+        with engine.begin() as conn:
+            moved = states.retry_failed(conn, ds_id)
+        click.echo(f"dataset {dataset}: {moved} failed jobs back to pending")
+        dispatch_or_warn(settings, engine, ds_id)
+
+
+@click.command()
+@click.argument("dataset")
+@click.pass_context
+def pause(ctx: click.Context, dataset: str) -> None:
+    """Stop handing out a dataset's jobs; jobs already rendering finish."""
+    from farm.db import open_store
+    from farm.status import dataset_id
+
+    with errors():
+        engine = open_store(settings_of(ctx))
+        with engine.begin() as conn:
+            states.set_paused(conn, dataset_id(engine, dataset), True)
+    click.echo(f"dataset {dataset} paused: `farm resume {dataset}` sends its waiting jobs again")
+
+
+@click.command()
+@click.argument("dataset")
+@click.pass_context
+def resume(ctx: click.Context, dataset: str) -> None:
+    """Resume a paused dataset and send its waiting jobs again."""
+    from farm.db import open_store
+    from farm.status import dataset_id
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        ds_id = dataset_id(engine, dataset)
+        with engine.begin() as conn:
+            states.set_paused(conn, ds_id, False)
+            # Messages delivered while paused were dropped by the guarded claim; send those jobs again.
+            requeued = states.requeue_queued(conn, ds_id)
+        click.echo(f"dataset {dataset} resumed ({requeued} waiting jobs)")
+        dispatch_or_warn(settings, engine, ds_id)
