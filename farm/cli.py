@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from farm.cli_common import errors, settings_of
-from farm.errors import BrokerUnavailable, ConfigError
+from farm.cli_common import dispatch_or_warn, errors, settings_of
+from farm.errors import BrokerUnavailable
 from farm.schema import JobStatus
-from farm.settings import Settings, load_settings, with_overrides
+from farm.settings import load_settings, with_overrides
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,6 +91,14 @@ def main(ctx: click.Context, home: Path | None) -> None:
     show_default=True,
     help="int8: 8-bit T5 (and transformer on CUDA) through bitsandbytes, for low GPU memory.",
 )
+@click.option(
+    "--vary",
+    multiple=True,
+    metavar="AXIS=VALUES",
+    help="Grid axis, repeatable; every prompt is rendered for each combination. Axes: seed (0..7 or 1,5,9), "
+    "size (1024x1024,768x1344), steps (2..4), guidance_scale and conditioning_scale (comma lists).",
+)
+@click.option("--dry-run", is_flag=True, help="Validate and show the plan; write nothing, send nothing.")
 @click.option("--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them.")
 @click.pass_context
 def submit(
@@ -109,11 +116,12 @@ def submit(
     controlnet: str | None,
     conditioning_scale: float,
     quantize: str,
+    vary: tuple[str, ...],
+    dry_run: bool,
     no_dispatch: bool,
 ) -> None:
-    """Validate FILE (.txt, .jsonl, .csv) completely, store its condition images, record its jobs, dispatch."""
-    from farm.db import open_store
-    from farm.submit import SubmitOptions, plan_submission, record, store_conditions
+    """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
+    from farm.submit import SubmitOptions, submit_file
 
     settings = settings_of(ctx)
     with errors():
@@ -130,24 +138,19 @@ def submit(
             controlnet=controlnet,
             conditioning_scale=conditioning_scale,
             quantize=None if quantize == "none" else quantize,
+            vary=vary,
         )
-        started = time.perf_counter()
-        plan = plan_submission(file, options)
-        if plan.conditions:
-            plan = store_conditions(plan, _open_storage(settings))
-            click.echo(f"{len(plan.conditions)} condition images stored")
-        engine = open_store(settings)
-        recorded = record(engine, plan)
-        elapsed = time.perf_counter() - started
-        note = f" ({plan.duplicates} duplicate rows folded)" if plan.duplicates else ""
-        click.echo(
-            f"dataset {recorded.dataset}: {recorded.new_jobs} new jobs, {recorded.already_present} "
-            f"already present{note}, recorded in {elapsed:.2f} s"
-        )
-        if no_dispatch:
+        try:
+            submit_file(settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo)
+        except BrokerUnavailable as exc:
+            click.echo(
+                f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
+                "run `farm dispatch` once the broker is back.",
+                err=True,
+            )
+            sys.exit(3)
+        if no_dispatch and not dry_run:
             click.echo("not dispatched (--no-dispatch): run `farm dispatch` to send them")
-            return
-        _dispatch(settings, engine, recorded.dataset_id)
 
 
 @main.command()
@@ -162,7 +165,7 @@ def dispatch(ctx: click.Context, dataset: str | None) -> None:
     with errors():
         engine = open_store(settings)
         ds_id = dataset_id(engine, dataset) if dataset else None
-        _dispatch(settings, engine, ds_id)
+        dispatch_or_warn(settings, engine, ds_id)
 
 
 @main.command()
@@ -178,35 +181,7 @@ def reap(ctx: click.Context) -> None:
         with engine.begin() as conn:
             reaped = reap_expired(conn, max_attempts=settings.max_attempts)
         click.echo(f"reaped {len(reaped.requeued)} jobs back to the queue, {len(reaped.failed)} failed")
-        _dispatch(settings, engine, None)
-
-
-def _open_storage(settings: Settings) -> Any:
-    from farm.storage import open_storage
-
-    try:
-        return open_storage(
-            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
-    from farm.broker import make_celery
-    from farm.dispatch import dispatch_pending
-
-    started = time.perf_counter()
-    try:
-        sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
-    except BrokerUnavailable as exc:
-        click.echo(
-            f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
-            "run `farm dispatch` once the broker is back.",
-            err=True,
-        )
-        sys.exit(3)
-    click.echo(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")
+        dispatch_or_warn(settings, engine, None)
 
 
 # ---- worker -------------------------------------------------------------------------------------------
@@ -236,6 +211,13 @@ def _dispatch(settings: Settings, engine: Any, dataset_id: int | None) -> None:
     is_flag=True,
     help="The 8 GB recipe: T5 in 8-bit, loaded only to encode new prompts and freed before rendering.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics on this port at /metrics (0: off).",
+)
 @click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def worker(
@@ -248,6 +230,7 @@ def worker(
     max_batch: int | None,
     io_threads: int,
     low_memory: bool,
+    metrics_port: int,
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
@@ -267,6 +250,7 @@ def worker(
             max_batch=max_batch,
             io_threads=io_threads,
             low_memory=low_memory,
+            metrics_port=metrics_port,
         )
 
 
@@ -344,10 +328,13 @@ def show_config(ctx: click.Context) -> None:
 
 
 def _register_tools() -> None:
+    from farm.cli_control import cancel, pause, resume, retry
+    from farm.cli_dataset import export, url
     from farm.cli_tools import bench, condition, db, models
+    from farm.cli_watch import doctor, preview
 
-    for group in (db, models, condition, bench):
-        main.add_command(group)
+    for command in (db, models, condition, bench, cancel, retry, pause, resume, export, url, preview, doctor):
+        main.add_command(command)
 
 
 _register_tools()
