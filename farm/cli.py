@@ -260,7 +260,7 @@ def worker(
 @main.command()
 @click.argument("dataset", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON with a `counts` map, for scripts.")
-@click.option("--watch", is_flag=True, help="Redraw with a progress bar until the dataset is finished.")
+@click.option("--watch", is_flag=True, help="Redraw progress bars (one per dataset) until they are finished.")
 @click.option("--interval-s", type=float, default=1.0, show_default=True, help="Seconds between redraws.")
 @click.pass_context
 def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
@@ -272,12 +272,15 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
     with errors():
         engine = open_store(settings)
         if watch:
-            if not dataset:
-                raise click.UsageError("--watch needs a DATASET")
-            from farm.watch import watch_dataset
+            from farm.watch import watch_datasets
 
-            final = watch_dataset(lambda: dataset_status(engine, dataset), interval_s=interval_s)
-            _print_statuses([final], as_json)
+            # One bar per dataset: the named one, or every dataset unfinished when the watch starts.
+            names = [dataset] if dataset else [s.name for s in all_statuses(engine) if not s.done]
+
+            def read() -> list[Any]:
+                return [dataset_status(engine, name) for name in names]
+
+            _print_statuses(watch_datasets(read, interval_s=interval_s), as_json)
             return
         statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
         _print_statuses(statuses, as_json)

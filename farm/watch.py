@@ -1,4 +1,4 @@
-"""`farm status --watch`: a live progress bar until the dataset is finished (or Ctrl-C)."""
+"""`farm status --watch`: live progress bars, one per dataset, until they are finished (or Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from farm.status import DatasetStatus
 
 
-def watch_dataset(
-    read: Callable[[], DatasetStatus], *, interval_s: float = 1.0, console: Console | None = None
-) -> DatasetStatus:
-    """Redraw until every job is finished; returns the last status read."""
+def watch_datasets(
+    read: Callable[[], list[DatasetStatus]], *, interval_s: float = 1.0, console: Console | None = None
+) -> list[DatasetStatus]:
+    """Redraw a bar per dataset until every job of every dataset shown is finished; returns the last read."""
     current = read()
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -23,12 +23,20 @@ def watch_dataset(
         TextColumn("{task.fields[detail]}"),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(current.name, total=current.total, completed=current.finished, detail=_detail(current))
+        bars: dict[str, TaskID] = {}
+
+        def draw(statuses: list[DatasetStatus]) -> None:
+            for s in statuses:
+                if s.name not in bars:
+                    bars[s.name] = progress.add_task(s.name, total=s.total, completed=s.finished, detail="")
+                progress.update(bars[s.name], total=s.total, completed=s.finished, detail=_detail(s))
+
+        draw(current)
         try:
-            while not current.done:
+            while not all(s.done for s in current):
                 time.sleep(interval_s)
                 current = read()
-                progress.update(task, total=current.total, completed=current.finished, detail=_detail(current))
+                draw(current)
         except KeyboardInterrupt:
             pass
     return current

@@ -241,3 +241,10 @@ def test_every_copy_source_exists_in_the_repo() -> None:
         assert len(words) >= 2, args
         for source in words[:-1]:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repo (build context is the repo root)"
+
+
+def test_the_8gb_pool_runs_the_low_memory_recipe(services: dict[str, Any]) -> None:
+    assert "--low-memory" in services["worker-int8"]["command"]
+    assert "--low-memory" not in services["worker-fp16"]["command"]
+    for name in WORKERS:  # each pool exposes its Prometheus metrics
+        assert "--metrics-port" in services[name]["command"]
