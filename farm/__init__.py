@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from farm.client import Client, FinishedImage
-    from farm.submit import SubmitResult
+    from farm.submission import SubmitResult
 
 __all__ = ["Client", "FinishedImage", "SubmitResult"]
 

@@ -121,7 +121,8 @@ def submit(
     no_dispatch: bool,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
-    from farm.submit import SubmitOptions, submit_file
+    from farm.submission import submit_file
+    from farm.submit import SubmitOptions
 
     settings = settings_of(ctx)
     with errors():

@@ -27,7 +27,8 @@ from farm.schema import Job, JobStatus
 from farm.settings import Settings, load_settings
 from farm.status import DatasetStatus, dataset_id, dataset_status
 from farm.storage import LocalStorage, S3Storage, Storage, object_key
-from farm.submit import SubmitOptions, SubmitResult, plan_rows, plan_submission, storage_for, submit_plan
+from farm.submission import SubmitResult, storage_for, submit_plan
+from farm.submit import SubmitOptions, plan_rows, plan_submission
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -144,7 +145,7 @@ class Client:
 
     def dispatch(self, dataset: str | None = None) -> Dispatched:
         """Publish pending jobs (after a broker outage, or submit(dispatch=False)), as `farm dispatch`."""
-        from farm.submit import dispatch_dataset
+        from farm.submission import dispatch_dataset
 
         ds_id = dataset_id(self.engine, dataset) if dataset is not None else None
         return dispatch_dataset(self.settings, self.engine, ds_id)

@@ -19,8 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.scheduler import pixart_lcm_scheduler
-from models.tiny import TINY_MODEL_MAX_LENGTH, build_tiny_tokenizer
+from models.tiny import TINY_MODEL_MAX_LENGTH, build_components, save_pipeline
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -116,37 +115,17 @@ def build_bench_small_vae() -> AutoencoderKL:
 
 def build_bench_small_components(seed: int = 0) -> dict[str, Any]:
     """Build every PixArtAlphaPipeline component of bench-small with weights determined by `seed` alone."""
-    import torch
-
-    # As in models.tiny: leave the caller's global RNG untouched, and give each component its own seed so
-    # resizing one does not reshuffle the others' weights.
-    with torch.random.fork_rng(devices=[]):
-        tokenizer = build_tiny_tokenizer()
-        torch.manual_seed(seed)
-        text_encoder = build_bench_small_text_encoder(vocab_size=len(tokenizer))
-        torch.manual_seed(seed + 1)
-        transformer = build_bench_small_transformer()
-        torch.manual_seed(seed + 2)
-        vae = build_bench_small_vae()
-    return {
-        "tokenizer": tokenizer,
-        "text_encoder": text_encoder,
-        "vae": vae,
-        "transformer": transformer,
-        "scheduler": pixart_lcm_scheduler(),
-    }
+    return build_components(
+        seed,
+        text_encoder=build_bench_small_text_encoder,
+        transformer=build_bench_small_transformer,
+        vae=build_bench_small_vae,
+    )
 
 
 def make_bench_small(path: str | Path, *, seed: int = 0) -> Path:
     """Write the bench-small random-weight PixArtAlphaPipeline folder to `path` and return it."""
-    from diffusers import PixArtAlphaPipeline
-
-    target = Path(path)
-    target.mkdir(parents=True, exist_ok=True)
-    pipe = PixArtAlphaPipeline(**build_bench_small_components(seed))
-    # fp32 safetensors, like the tiny model: loads back in whatever dtype load_pipeline asks for.
-    pipe.save_pretrained(target, safe_serialization=True)
-    return target
+    return save_pipeline(build_bench_small_components(seed), path)
 
 
 _COUNTED_COMPONENTS = ("transformer", "text_encoder", "vae")

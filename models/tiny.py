@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,8 +133,14 @@ def build_tiny_vae() -> AutoencoderKL:
     ).eval()
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, Any]:
-    """Build every PixArtAlphaPipeline component with weights determined by `seed` alone."""
+def build_components(
+    seed: int,
+    *,
+    text_encoder: Callable[[int], T5EncoderModel],
+    transformer: Callable[[], PixArtTransformer2DModel],
+    vae: Callable[[], AutoencoderKL],
+) -> dict[str, Any]:
+    """Build every PixArtAlphaPipeline component from the given builders, with weights set by `seed` alone."""
     import torch
 
     # fork_rng keeps the caller's global RNG stream untouched; each component gets its own offset
@@ -141,27 +148,37 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         tokenizer = build_tiny_tokenizer()
         torch.manual_seed(seed)
-        text_encoder = build_tiny_text_encoder(vocab_size=len(tokenizer))
+        encoder = text_encoder(len(tokenizer))
         torch.manual_seed(seed + 1)
-        transformer = build_tiny_transformer()
+        denoiser = transformer()
         torch.manual_seed(seed + 2)
-        vae = build_tiny_vae()
+        autoencoder = vae()
     return {
         "tokenizer": tokenizer,
-        "text_encoder": text_encoder,
-        "vae": vae,
-        "transformer": transformer,
+        "text_encoder": encoder,
+        "vae": autoencoder,
+        "transformer": denoiser,
         "scheduler": pixart_lcm_scheduler(),
     }
 
 
-def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a complete tiny random-weight PixArtAlphaPipeline folder to `path` and return it."""
+def save_pipeline(components: dict[str, Any], path: str | Path) -> Path:
+    """Write components as a PixArtAlphaPipeline folder (safetensors: no pickle, byte-stable for a seed)."""
     from diffusers import PixArtAlphaPipeline
 
     target = Path(path)
     target.mkdir(parents=True, exist_ok=True)
-    pipe = PixArtAlphaPipeline(**build_tiny_components(seed))
-    # safetensors everywhere: no pickle on load, and byte-stable files for the same seed.
-    pipe.save_pretrained(target, safe_serialization=True)
+    PixArtAlphaPipeline(**components).save_pretrained(target, safe_serialization=True)
     return target
+
+
+def build_tiny_components(seed: int = 0) -> dict[str, Any]:
+    """Build every tiny PixArtAlphaPipeline component with weights determined by `seed` alone."""
+    return build_components(
+        seed, text_encoder=build_tiny_text_encoder, transformer=build_tiny_transformer, vae=build_tiny_vae
+    )
+
+
+def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a complete tiny random-weight PixArtAlphaPipeline folder to `path` and return it."""
+    return save_pipeline(build_tiny_components(seed), path)

@@ -16,6 +16,7 @@ from farm.errors import InvalidSubmission
 from farm.inputs import rows_from_records
 from farm.schema import Dataset, Job, JobStatus
 from farm.settings import Settings, load_settings
+from farm.submission import submit_file, summary_lines
 from farm.submit import (
     MAX_SEED,
     JobSpec,
@@ -24,8 +25,6 @@ from farm.submit import (
     plan_rows,
     plan_submission,
     record,
-    submit_file,
-    summary_lines,
     validate_dataset_name,
 )
 

@@ -1,0 +1,189 @@
+"""A whole submission, as `farm submit` and `farm.Client` run it: plan → store conditions → record → dispatch.
+
+farm/submit.py validates and records; this module strings the steps together and says what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import Engine
+
+from farm.errors import ConfigError
+from farm.inputs import NEGATIVE_PROMPT_NOTE
+from farm.storage import Storage
+from farm.submit import Plan, SubmitOptions, plan_submission, record, store_conditions
+
+if TYPE_CHECKING:
+    from farm.dispatch import Dispatched
+    from farm.settings import Settings
+
+Echo = Callable[[str], None]
+SAMPLE_JOBS = 5  # jobs a dry run shows
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What a submission did; a dry run writes nothing, so its new_jobs and already_present are 0."""
+
+    dataset: str
+    planned: int  # jobs the rows (and grid) expand to, duplicates included
+    jobs: int  # distinct jobs
+    duplicates: int
+    conditions: int  # distinct condition images: stored, or to be stored in a dry run
+    negative_prompts: int  # rows whose negative_prompt was ignored
+    dry_run: bool = False
+    dataset_id: int | None = None  # None in a dry run
+    new_jobs: int = 0
+    already_present: int = 0
+    dispatched: int | None = None  # jobs published to the broker; None when not dispatched
+    tasks: int | None = None
+    plan: Plan | None = field(default=None, repr=False, compare=False)
+
+
+def submit_file(
+    settings: Settings,
+    path: Path,
+    options: SubmitOptions,
+    *,
+    dispatch: bool = True,
+    dry_run: bool = False,
+    echo: Echo | None = None,
+) -> SubmitResult:
+    """`farm submit`: plan the file, then submit_plan. Nothing is written unless every row is valid."""
+    return submit_plan(settings, plan_submission(path, options), dispatch=dispatch, dry_run=dry_run, echo=echo)
+
+
+def submit_plan(
+    settings: Settings,
+    plan: Plan,
+    *,
+    dispatch: bool = True,
+    dry_run: bool = False,
+    echo: Echo | None = None,
+    engine: Engine | None = None,
+) -> SubmitResult:
+    """Report the job count, then (unless a dry run) store condition images, record and dispatch.
+
+    Progress lines go to `echo`; the first, the job count, comes before anything is written. A dry run
+    touches no database, storage or broker. With the broker down the jobs are recorded as pending and
+    BrokerUnavailable is raised; `farm dispatch` (or Client.dispatch) sends them later.
+    """
+    say = echo or _silent
+    for line in summary_lines(plan):
+        say(line)
+    result = SubmitResult(
+        plan.dataset,
+        plan.planned,
+        len(plan.specs),
+        plan.duplicates,
+        len(plan.conditions),
+        plan.negative_prompts,
+        dry_run=dry_run,
+        plan=plan,
+    )
+    if dry_run:
+        for line in dry_run_lines(plan):
+            say(line)
+        return result
+    # 1. Condition images first: a recorded job must never name one that is not stored.
+    started = time.perf_counter()
+    if plan.conditions:
+        plan = store_conditions(plan, storage_for(settings))
+        say(f"{len(plan.conditions)} condition images stored")
+    # 2. One transaction for the dataset and its jobs.
+    from farm.db import open_store
+
+    own_engine = engine is None
+    store = open_store(settings) if engine is None else engine
+    try:
+        recorded = record(store, plan)
+        note = f" ({plan.duplicates} duplicate rows folded)" if plan.duplicates else ""
+        say(
+            f"dataset {recorded.dataset}: {recorded.new_jobs} new jobs, {recorded.already_present} "
+            f"already present{note}, recorded in {time.perf_counter() - started:.2f} s"
+        )
+        result = replace(
+            result,
+            plan=plan,
+            dataset_id=recorded.dataset_id,
+            new_jobs=recorded.new_jobs,
+            already_present=recorded.already_present,
+        )
+        if not dispatch:
+            return result
+        # 3. Publish the pending jobs (ids only) and mark them queued.
+        sent = dispatch_dataset(settings, store, recorded.dataset_id, echo=say)
+        return replace(result, dispatched=sent.jobs, tasks=sent.tasks)
+    finally:
+        if own_engine:
+            store.dispose()
+
+
+def dispatch_dataset(
+    settings: Settings, engine: Engine, dataset_id: int | None, *, echo: Echo | None = None
+) -> Dispatched:
+    """Publish the pending jobs of one dataset (or all), reporting how many went out."""
+    from farm.broker import make_celery
+    from farm.dispatch import dispatch_pending
+
+    started = time.perf_counter()
+    sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
+    (echo or _silent)(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")
+    return sent
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    """The job count (`12 prompts × 16 variations = 192 jobs`) and notes, shown before anything is written."""
+    terms = [f"{plan.rows} prompts"]
+    uniform = plan.rows * plan.images_per_prompt * plan.variations == plan.planned
+    if plan.images_per_prompt != 1 and uniform:
+        terms.append(f"{plan.images_per_prompt} images")
+    if plan.variations != 1:
+        terms.append(f"{plan.variations} variations")
+    count = " × ".join(terms) + f" = {plan.planned} jobs"
+    if not uniform:
+        count += " (rows set their own images_per_prompt)"
+    if plan.duplicates:
+        count += f", {len(plan.specs)} distinct ({plan.duplicates} duplicates folded)"
+    lines = [count]
+    if plan.negative_prompts:
+        lines.append(f"note: {NEGATIVE_PROMPT_NOTE} ({plan.negative_prompts} rows had one)")
+    return lines
+
+
+def dry_run_lines(plan: Plan, samples: int = SAMPLE_JOBS) -> list[str]:
+    """What a dry run shows: the condition images it would store and a few of the jobs."""
+    lines = ["dry run: nothing written (no database, storage or broker was touched)"]
+    if plan.conditions:
+        lines.append(f"{len(plan.conditions)} condition images would be stored:")
+        lines += [f"  {image.path} ({image.format}, sha256 {image.sha256[:12]})" for image in plan.conditions]
+    lines.append(f"first {min(samples, len(plan.specs))} of {len(plan.specs)} jobs:")
+    for spec, job_id in zip(plan.specs[:samples], plan.ids, strict=False):
+        control = f"  control {spec.control_sha256[:12]} × {spec.conditioning_scale}" if spec.control_sha256 else ""
+        prompt = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:59] + "…"
+        lines.append(
+            f"  {job_id[:12]}  line {spec.source_line}  seed {spec.seed}  {spec.width}x{spec.height}  "
+            f"steps {spec.num_inference_steps}  guidance {spec.guidance_scale}{control}  {prompt!r}"
+        )
+    return lines
+
+
+def _silent(_line: str) -> None:
+    """An echo that drops the line (farm.Client reports through its return value)."""
+
+
+def storage_for(settings: Settings) -> Storage:
+    """The storage these settings name; a malformed URL is a ConfigError."""
+    from farm.storage import open_storage
+
+    try:
+        return open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
