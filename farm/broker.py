@@ -11,6 +11,7 @@ from kombu.transport import sqlalchemy as sqla_transport
 from farm.settings import Settings
 
 RENDER_TASK = "farm.render"
+REAP_TASK = "farm.reap"
 
 
 class SQLBrokerTransport(sqla_transport.Transport):

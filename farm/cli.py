@@ -219,6 +219,9 @@ def reap(ctx: click.Context) -> None:
     show_default=True,
     help="Serve Prometheus metrics on this port at /metrics (0: off).",
 )
+@click.option(
+    "--beat", is_flag=True, help="Also run the reaper on a schedule (start exactly one worker of the fleet with this)."
+)
 @click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def worker(
@@ -232,6 +235,7 @@ def worker(
     io_threads: int,
     low_memory: bool,
     metrics_port: int,
+    beat: bool,
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
@@ -251,6 +255,7 @@ def worker(
             max_batch=max_batch,
             io_threads=io_threads,
             low_memory=low_memory,
+            beat=beat,
             metrics_port=metrics_port,
         )
 

@@ -80,6 +80,14 @@ def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str]) -> None
     app.amqp.send_task_message(producer, RENDER_TASK, message, queue=queue, retry=False)
 
 
+def reap_and_dispatch(engine: Engine, app: Celery, settings: Settings) -> tuple[states.Reaped, Dispatched]:
+    """The reaper (`farm reap`, and the beat task of `farm worker --beat`): expired leases back to pending,
+    or failed after the last attempt, then every pending job published."""
+    with engine.begin() as conn:
+        reaped = states.reap_expired(conn, max_attempts=settings.max_attempts)
+    return reaped, dispatch_pending(engine, app, settings)
+
+
 def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[list[str]]:
     """Group pending rows into lists of at most batch_size ids that can share one pipeline call."""
     groups: dict[PendingRow, list[str]] = {}

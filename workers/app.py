@@ -9,7 +9,7 @@ from celery import Celery
 from celery.signals import worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
-from farm.broker import RENDER_TASK, make_celery
+from farm.broker import REAP_TASK, RENDER_TASK, make_celery
 from farm.settings import Settings
 from workers.metrics import METRICS, start_metrics_server
 from workers.runtime import WorkerRuntime
@@ -36,7 +36,13 @@ def create_app(
         start_metrics_server(metrics_port)
     app = make_celery(settings, "farm-worker")
     # One process per device: a solo pool renders one task at a time in the main thread.
-    app.conf.update(worker_pool="solo", worker_concurrency=1)
+    app.conf.update(
+        worker_pool="solo",
+        worker_concurrency=1,
+        # Run by the one worker started with --beat: hand out again the jobs of workers that died.
+        beat_schedule={"reap": {"task": REAP_TASK, "schedule": max(10.0, settings.lease_s / 2)}},
+        beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
+    )
     runtime: list[WorkerRuntime] = []
 
     @app.task(name=RENDER_TASK, bind=True, max_retries=_DB_RETRY_MAX)
@@ -57,6 +63,17 @@ def create_app(
             delay = min(2**self.request.retries, 60)
             log.warning("database error (%s); task retried in %d s", exc.__class__.__name__, delay)
             raise self.retry(countdown=delay, exc=exc) from None
+
+    @app.task(name=REAP_TASK, ignore_result=True)
+    def reap() -> dict[str, int]:
+        from farm.db import make_engine
+        from farm.dispatch import reap_and_dispatch
+
+        engine = runtime[0].engine if runtime else make_engine(settings.database_url)
+        reaped, sent = reap_and_dispatch(engine, app, settings)
+        if reaped.requeued or reaped.failed:
+            log.warning("reaper: %d expired jobs sent again, %d failed", len(reaped.requeued), len(reaped.failed))
+        return {"requeued": len(reaped.requeued), "failed": len(reaped.failed), "dispatched": sent.jobs}
 
     @worker_shutdown.connect(weak=False)
     def _drain(**_: Any) -> None:

@@ -18,6 +18,7 @@ def run_worker(
     max_batch: int | None = None,
     io_threads: int = 2,
     low_memory: bool = False,
+    beat: bool = False,
     metrics_port: int = 0,
 ) -> None:
     """Run until stopped (SIGTERM finishes the current task first, then exits)."""
@@ -46,5 +47,6 @@ def run_worker(
             "--without-gossip",
             "--without-mingle",
             "--prefetch-multiplier=1",
+            *(["--beat"] if beat else []),
         ]
     )

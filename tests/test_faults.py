@@ -1,0 +1,298 @@
+"""Fault tests with real processes and services: nothing lost, nothing rendered or stored twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from farm.broker import make_celery
+from farm.db import make_engine, open_store
+from farm.schema import Dataset, Job
+from farm.settings import load_settings
+from farm.submit import SubmitOptions, plan_submission, record
+from tests.support.processes import Worker, farm_env, run_farm, wait_until
+from tests.support.proxy import FaultProxy
+from tests.support.s3 import S3Server
+from workers.runtime import WorkerRuntime
+from workers.tasks import render_jobs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FARM_HOME holding bench-small: ≈ 0.3 s a render here, slow enough to be caught mid-batch."""
+    from models.bench import make_bench_small
+
+    home = tmp_path_factory.mktemp("faults-home")
+    make_bench_small(home / "models" / "bench-small")
+    return home
+
+
+def _jobs(engine, dataset: str) -> list:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return list(conn.execute(select(Job.__table__).join(Dataset).where(Dataset.name == dataset)))
+
+
+def _counts(env: dict[str, str], dataset: str) -> dict[str, int]:
+    return json.loads(run_farm(["status", dataset, "--json"], env).stdout)["counts"]
+
+
+def _one_object_per_job(images: Path, jobs: list) -> None:  # type: ignore[no-untyped-def]
+    files = sorted(images.glob("*.png"))
+    assert sorted(f.stem for f in files) == sorted(j.id for j in jobs)  # exactly one object per job
+    for job in jobs:
+        assert hashlib.sha256((images / f"{job.id}.png").read_bytes()).hexdigest() == job.sha256
+
+
+def test_worker_killed_mid_batch_loses_nothing(
+    tmp_path: Path, bench_home: Path, pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    dataset = f"kill-{queue_name}"
+    env = farm_env(
+        FARM_HOME=str(bench_home),
+        FARM_DATABASE_URL=pg_url,
+        FARM_BROKER_URL=redis_url,
+        FARM_QUEUE=queue_name,
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+        FARM_LEASE_S="10",
+        FARM_BATCH_SIZE="4",
+        FARM_MAX_ATTEMPTS="3",
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a lighthouse, take {i}\n" for i in range(12)))
+    assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
+
+    victim = Worker(env, tmp_path / "victim.log")
+    wait_until(
+        lambda: _counts(env, dataset)["running"] > 0,
+        timeout_s=180,
+        what="a batch in progress",
+        worker=victim,
+        poll_s=0.1,
+    )
+    os.kill(victim.proc.pid, signal.SIGKILL)  # no warm shutdown, no acks, no drained uploads
+    victim.proc.wait(timeout=30)
+    victim.stop()
+    stranded = _counts(env, dataset)["running"]
+    assert stranded > 0
+
+    # A new worker runs the reaper on its beat: once the dead worker's leases expire, its jobs go out again.
+    rescuer = Worker(env, tmp_path / "rescuer.log", extra_args=("--beat",))
+    try:
+        wait_until(
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            timeout_s=240,
+            what="every job after the kill",
+            worker=rescuer,
+        )
+    finally:
+        rescuer.stop()
+    jobs = _jobs(make_engine(pg_url), dataset)
+    assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 12
+    _one_object_per_job(tmp_path / "images" / dataset, jobs)
+    assert sum(1 for j in jobs if j.attempts == 2) == stranded  # the killed batch: a second attempt each
+    assert all(j.attempts in (1, 2) for j in jobs)
+    assert "reaper:" in rescuer.log()
+
+
+def test_storage_503s_and_dropped_connections_are_retried(
+    tmp_path: Path, bench_home: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    settings_kw = dict(home=str(tmp_path / "home"), broker_url="memory://", storage_url=f"s3://{s3_bucket}/flaky")
+    # boto3 retries each request up to 5 times: 3 faults in a row are absorbed inside one upload.
+    proxy = FaultProxy("127.0.0.1", s3_server.port, faults=3).start()
+    try:
+        settings = load_settings({}, s3_endpoint_url=proxy.endpoint_url, **settings_kw)
+        (settings.home / "models").mkdir(parents=True, exist_ok=True)
+        (settings.home / "models" / "bench-small").symlink_to(bench_home / "models" / "bench-small")
+        engine = open_store(settings)
+        path = tmp_path / "p.txt"
+        path.write_text("a flaky bucket\nanother flaky bucket\n")
+        plan = plan_submission(path, SubmitOptions(dataset="flaky", model="bench-small"))
+        record(engine, plan)
+        rt = WorkerRuntime.build(settings, make_celery(settings), name="w-flaky", max_batch=2)
+        render_jobs(rt, plan.ids, wait=True)
+    finally:
+        proxy.stop()
+    assert proxy.injected == 3
+    assert rt.stats.succeeded == 2 and rt.stats.retried == 0
+    client = s3_server.client()
+    for job in _jobs(engine, "flaky"):
+        body = client.get_object(Bucket=s3_bucket, Key=f"flaky/flaky/{job.id}.png")["Body"].read()
+        assert job.status == "succeeded" and hashlib.sha256(body).hexdigest() == job.sha256
+
+
+def test_storage_down_longer_than_retries_fails_the_attempt_not_the_job(
+    tmp_path: Path, bench_home: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    proxy = FaultProxy("127.0.0.1", s3_server.port, faults=1000).start()  # the store is away
+    settings = load_settings(
+        {},
+        home=str(tmp_path / "home"),
+        broker_url="memory://",
+        storage_url=f"s3://{s3_bucket}/down",
+        s3_endpoint_url=proxy.endpoint_url,
+    )
+    (settings.home / "models").mkdir(parents=True, exist_ok=True)
+    (settings.home / "models" / "bench-small").symlink_to(bench_home / "models" / "bench-small")
+    engine = open_store(settings)
+    path = tmp_path / "p.txt"
+    path.write_text("an unreachable bucket\n")
+    plan = plan_submission(path, SubmitOptions(dataset="down", model="bench-small"))
+    record(engine, plan)
+    rt = WorkerRuntime.build(settings, make_celery(settings), name="w-down")
+    try:
+        render_jobs(rt, plan.ids, wait=True)
+    finally:
+        proxy.stop()
+    [job] = _jobs(engine, "down")
+    # Never succeeded without its object: the attempt failed and the job waits for its retry.
+    assert (job.status, job.sha256, job.attempts) == ("queued", None, 1)
+    assert "TransientStorageError" in job.error
+    listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="down/")
+    assert listed.get("KeyCount", 0) == 0
+
+
+def test_worker_reconnects_when_postgres_drops_its_connections(
+    tmp_path: Path, bench_home: Path, pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    dataset = f"pgdrop-{queue_name}"
+    env = farm_env(
+        FARM_HOME=str(bench_home),
+        FARM_DATABASE_URL=pg_url,
+        FARM_BROKER_URL=redis_url,
+        FARM_QUEUE=queue_name,
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+        FARM_BATCH_SIZE="2",
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a harbour at dusk, take {i}\n" for i in range(16)))
+    assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
+    worker = Worker(env, tmp_path / "worker.log")
+    url = make_url(pg_url)
+    try:
+        wait_until(
+            lambda: _counts(env, dataset)["succeeded"] >= 2,
+            timeout_s=180,
+            what="the first images",
+            worker=worker,
+            poll_s=0.1,
+        )
+        with psycopg.connect(
+            f"host={url.host} port={url.port or 5432} user={url.username} dbname=test", autocommit=True
+        ) as admin:
+            dropped = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                (url.database,),
+            ).fetchone()
+        assert dropped is not None and dropped[0] > 0
+        wait_until(
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            timeout_s=240,
+            what="every job after the drop",
+            worker=worker,
+        )
+        assert worker.proc.poll() is None  # it carried on rather than dying
+    finally:
+        worker.stop()
+    jobs = _jobs(make_engine(pg_url), dataset)
+    assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 16
+    _one_object_per_job(tmp_path / "images" / dataset, jobs)
+
+
+def test_redis_restart_during_a_run_loses_nothing(tmp_path: Path, bench_home: Path, pg_url: str) -> None:
+    """A broker of the test's own (AOF on, as a production broker should run), restarted mid-run."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    from tests.support.s3 import free_port
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    start = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+    ]
+    server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    wait_until(lambda: _pings(client), timeout_s=20, what="our redis-server")
+    dataset = f"redis-{uuid.uuid4().hex[:8]}"
+    env = farm_env(
+        FARM_HOME=str(bench_home),
+        FARM_DATABASE_URL=pg_url,
+        FARM_BROKER_URL=f"redis://127.0.0.1:{port}/0",
+        FARM_QUEUE="render",
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+        FARM_BATCH_SIZE="2",
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a windmill, take {i}\n" for i in range(16)))
+    worker = None
+    try:
+        assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
+        worker = Worker(env, tmp_path / "worker.log")
+        wait_until(
+            lambda: _counts(env, dataset)["succeeded"] >= 2,
+            timeout_s=180,
+            what="the first images",
+            worker=worker,
+            poll_s=0.1,
+        )
+        client.shutdown(nosave=False)  # AOF keeps the queued messages
+        server.wait(timeout=20)
+        time.sleep(1)
+        server = subprocess.Popen(start, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _pings(client), timeout_s=20, what="redis back")
+        wait_until(
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            timeout_s=240,
+            what="every job after the restart",
+            worker=worker,
+        )
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.terminate()
+        server.wait(timeout=20)
+    jobs = _jobs(make_engine(pg_url), dataset)
+    assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 16
+    _one_object_per_job(tmp_path / "images" / dataset, jobs)
+
+
+def _pings(client) -> bool:  # type: ignore[no-untyped-def]
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
