@@ -189,6 +189,9 @@ def reap(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option(
+    "--pool", default=None, help="Take this worker's options from [pools.NAME] in farm.toml (options given here win)."
+)
 @click.option("--device", default=None, help="Device: auto, cpu, cuda or cuda:N (FARM_DEVICE).")
 @click.option("--dtype", default=None, help="auto, float16, bfloat16 or float32 (FARM_DTYPE).")
 @click.option("--queue", default=None, help="Broker queue to consume (FARM_QUEUE, default render).")
@@ -226,6 +229,7 @@ def reap(ctx: click.Context) -> None:
 @click.pass_context
 def worker(
     ctx: click.Context,
+    pool: str | None,
     device: str | None,
     dtype: str | None,
     queue: str | None,
@@ -240,6 +244,19 @@ def worker(
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
     with errors():
+        if pool:
+            from farm.fleet import load_pool
+
+            # A pool's values fill in every option not given on the command line.
+            given = {
+                k: v
+                for k, v in ctx.params.items()
+                if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT
+            }
+            merged = {**ctx.params, **load_pool(pool), **given}
+            device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
+            max_batch, io_threads = merged["max_batch"], merged["io_threads"]
+            low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
         settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
         from farm.db import open_store
 
@@ -257,6 +274,7 @@ def worker(
             low_memory=low_memory,
             beat=beat,
             metrics_port=metrics_port,
+            pool=pool,
         )
 
 
@@ -334,6 +352,31 @@ def show_config(ctx: click.Context) -> None:
     """Print the effective settings, secrets masked."""
     for key, value in settings_of(ctx).describe().items():
         click.echo(f"{key} = {value}")
+
+
+@main.command("workers")
+@click.option("--all", "show_all", is_flag=True, help="Include workers that stopped cleanly.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker.")
+@click.pass_context
+def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """The fleet: each worker's pool, device, state (alive or stale), jobs, images/s and what it has loaded."""
+    from farm.db import open_store
+    from farm.fleet import list_workers
+
+    settings = settings_of(ctx)
+    with errors():
+        rows = list_workers(open_store(settings), beat_s=settings.lease_s / 3, include_stopped=show_all)
+    for w in rows:
+        if as_json:
+            click.echo(json.dumps(w.as_dict()))
+            continue
+        memory = f" {w.device_memory_bytes / 2**30:.0f} GiB" if w.device_memory_bytes else ""
+        click.echo(
+            f"{w.name:<28} {w.state:<7} pool={w.pool or '-':<10} {w.device}{memory}  jobs={w.current_jobs}  "
+            f"{w.images_per_s:.2f} img/s  seen {w.last_seen_s:.0f} s ago  models={w.loaded.get('models', [])}"
+        )
+    if not rows and not as_json:
+        click.echo("no workers have reported yet: start one with `farm worker`")
 
 
 def _register_tools() -> None:

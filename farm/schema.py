@@ -121,3 +121,22 @@ class Job(Base):
         # Dispatch and the reaper look for jobs in one state across datasets.
         Index("ix_jobs_status_created", "status", "created_at"),
     )
+
+
+class Worker(Base):
+    """A worker process, as its last heartbeat described it (`farm workers`)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    pool: Mapped[str | None] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    device: Mapped[str] = mapped_column(String(128), nullable=False)
+    device_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    loaded: Mapped[str] = mapped_column(Text, nullable=False, default="{}")  # JSON: models, adapters, caches
+    current_jobs: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    images_per_s: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
+    stopped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())

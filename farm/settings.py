@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from farm.errors import ConfigError
 
 # Each setting: (field, environment variable, type). The toml file uses the field names.
 _INT_FIELDS = {"max_attempts", "lease_s", "batch_size", "retry_backoff_s", "retry_backoff_max_s"}
-_FLOAT_FIELDS: set[str] = set()
+_FLOAT_FIELDS = {"render_deadline_s"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Settings:
     batch_size: int = 8
     retry_backoff_s: int = 2
     retry_backoff_max_s: int = 60
+    # Wall-clock seconds one pipeline call may take, checked after each denoising step (0: no deadline).
+    # Celery's time limits do nothing on the solo and threads pools the workers use.
+    render_deadline_s: float = 900.0
     device: str = "auto"
     dtype: str = "auto"
 
@@ -77,6 +81,9 @@ def load_settings(
     for name in _INT_FIELDS:
         if name in values:
             values[name] = _as_int(name, values[name])
+    for name in _FLOAT_FIELDS:
+        if name in values:
+            values[name] = _as_float(name, values[name])
     unknown = set(values) - {f.name for f in fields(Settings)}
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -137,6 +144,13 @@ def _as_int(name: str, value: Any) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
+def _as_float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
 def _validate(s: Settings) -> None:
     # Other PostgreSQL spellings are accepted and mapped to psycopg 3 by farm.db.normalize_url.
     db_schemes = ("sqlite", "postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
@@ -154,3 +168,5 @@ def _validate(s: Settings) -> None:
     for name, low in (("max_attempts", 1), ("lease_s", 10), ("batch_size", 1), ("retry_backoff_s", 0)):
         if getattr(s, name) < low:
             raise ConfigError(f"{name} must be at least {low}, got {getattr(s, name)}")
+    if not (math.isfinite(s.render_deadline_s) and s.render_deadline_s >= 0):
+        raise ConfigError(f"render_deadline_s must be at least 0 (0: no deadline), got {s.render_deadline_s}")

@@ -58,6 +58,11 @@ class LRUCache(Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
+    def cached_keys(self) -> list[K]:
+        """The cached keys, least recently used first (a snapshot)."""
+        with self._lock:
+            return list(self._entries)
+
     def get(self, key: K) -> V | None:
         """Return the value for `key` (a hit, now most recent) or None (a miss)."""
         with self._lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,10 @@ _MODEL_INDEX = "model_index.json"
 
 class ModelLoadError(RuntimeError):
     """A pipeline could not be loaded from the given local folder or hub id."""
+
+
+class RenderDeadlineExceeded(RuntimeError):
+    """A render ran past its wall-clock deadline; raised between denoising steps, so the call stops there."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,7 @@ def render_batch(
     prompt_embeds: torch.Tensor | None = None,
     prompt_attention_mask: torch.Tensor | None = None,
     output_type: str = "pil",
+    deadline_s: float | None = None,
 ) -> list[Any]:
     """Render compatible requests in one pipeline call, each image with its own seeded generator.
 
@@ -216,15 +223,24 @@ def render_batch(
 
     Optional: `controlnet` with one condition latent per request (encoded at render_size()); a
     `prompt_cache` (T5 runs once per distinct prompt); or precomputed `prompt_embeds` + mask (8 GB recipe).
+
+    `deadline_s`: seconds from this call's start after which RenderDeadlineExceeded is raised at the end of
+    the next denoising step (Celery's time limits do nothing on solo and threads pools).
     """
     import torch
 
+    started = time.monotonic()
     check_batchable(requests)
     first = requests[0]
     kwargs = render_kwargs(pipe, first)
     kwargs["output_type"] = output_type
     kwargs["generator"] = [make_generator(pipe, r.seed) for r in requests]
     kwargs.update(_prompt_kwargs(pipe, requests, prompt_cache, model_key, prompt_embeds, prompt_attention_mask))
+    if deadline_s is not None:
+        # PixArtAlphaPipeline (diffusers 0.42) has only the legacy step callback, not callback_on_step_end;
+        # it calls it after every step (callback_steps=1) and does not catch what it raises.
+        kwargs["callback"] = _deadline_callback(started, deadline_s, first.num_inference_steps)
+        kwargs["callback_steps"] = 1
     with torch.inference_mode():
         if controlnet is None:
             if conditions is not None:
@@ -236,6 +252,18 @@ def render_batch(
             cond = _stack_conditions(pipe, requests, conditions)
             output = controlled_pipeline(pipe, controlnet, cond, conditioning_scale)(**kwargs)
     return list(output.images)
+
+
+def _deadline_callback(started: float, deadline_s: float, total_steps: int) -> Callable[..., None]:
+    """A pipeline step callback that raises RenderDeadlineExceeded once `deadline_s` has passed since `started`."""
+
+    def check(step: int, timestep: Any, latents: Any) -> None:
+        if time.monotonic() - started > deadline_s:
+            raise RenderDeadlineExceeded(
+                f"render exceeded its deadline of {deadline_s:g} s after step {step + 1} of {total_steps}"
+            )
+
+    return check
 
 
 def _prompt_kwargs(

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
 from farm.broker import REAP_TASK, RENDER_TASK, make_celery
@@ -27,6 +27,7 @@ def create_app(
     io_threads: int = 2,
     low_memory: bool = False,
     metrics_port: int = 0,
+    pool: str | None = None,
 ) -> Celery:
     """A Celery app whose render task builds its runtime (engine, storage, pipelines) on first use.
 
@@ -45,15 +46,30 @@ def create_app(
     )
     runtime: list[WorkerRuntime] = []
 
-    @app.task(name=RENDER_TASK, bind=True, max_retries=_DB_RETRY_MAX)
-    def render(self: Any, job_ids: list[str]) -> dict[str, int]:
+    def ensure_runtime() -> WorkerRuntime:
+        # Engine, storage, caches and the heartbeat; pipelines still load on their first job, never here.
         if not runtime:
             runtime.append(
                 WorkerRuntime.build(
-                    settings, app, worker_name, max_batch=max_batch, io_threads=io_threads, low_memory=low_memory
+                    settings,
+                    app,
+                    worker_name,
+                    max_batch=max_batch,
+                    io_threads=io_threads,
+                    low_memory=low_memory,
+                    pool=pool,
                 )
             )
             METRICS.track_caches(runtime[0].caches.stats)
+        return runtime[0]
+
+    @worker_ready.connect(weak=False)
+    def _register(**_: Any) -> None:
+        ensure_runtime()  # `farm workers` lists this worker before its first job
+
+    @app.task(name=RENDER_TASK, bind=True, max_retries=_DB_RETRY_MAX)
+    def render(self: Any, job_ids: list[str]) -> dict[str, int]:
+        ensure_runtime()
         try:
             outcome = render_jobs(runtime[0], list(job_ids))
             log.info("caches: %s", runtime[0].caches.stats())

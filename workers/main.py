@@ -20,6 +20,7 @@ def run_worker(
     low_memory: bool = False,
     beat: bool = False,
     metrics_port: int = 0,
+    pool: str | None = None,
 ) -> None:
     """Run until stopped (SIGTERM finishes the current task first, then exits)."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,6 +35,7 @@ def run_worker(
         max_batch=max_batch,
         io_threads=io_threads,
         low_memory=low_memory,
+        pool=pool,
         metrics_port=metrics_port,
     )
     app.worker_main(

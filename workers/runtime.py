@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from farm import fleet
 from farm.db import make_engine
-from farm.schema import Dataset
+from farm.schema import Dataset, utcnow
 from farm.settings import Settings
 from farm.storage import Storage, open_storage
 from workers.leases import LeaseKeeper
@@ -54,7 +57,10 @@ class WorkerRuntime:
     uploader: Uploader
     leases: LeaseKeeper
     max_batch: int
+    pool: str | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
+    started_at: datetime = field(default_factory=utcnow)
+    _rate_mark: tuple[float, int] = field(default_factory=lambda: (time.monotonic(), 0))
     _dataset_names: dict[int, str] = field(default_factory=dict)
 
     def dataset_name(self, dataset_id: int) -> str:
@@ -79,6 +85,7 @@ class WorkerRuntime:
         max_batch: int | None = None,
         io_threads: int = 2,
         low_memory: bool = False,
+        pool: str | None = None,
     ) -> WorkerRuntime:
         storage = open_storage(
             settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
@@ -89,5 +96,50 @@ class WorkerRuntime:
         caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory), low_memory=low_memory)
         name = name or default_worker_name()
         engine = make_engine(settings.database_url)
-        leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s).start()
-        return cls(settings, app, name, engine, storage, caches, uploader, leases, batch)
+        leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s)
+        runtime = cls(settings, app, name, engine, storage, caches, uploader, leases, batch, pool=pool)
+        leases.describe = runtime.heartbeat
+        leases.start()
+        return runtime
+
+    def heartbeat(self, current_jobs: int) -> fleet.Heartbeat:
+        """What `farm workers` shows: device, what is loaded, cache figures, jobs held and recent images/s."""
+        now = time.monotonic()
+        last_at, last_count = self._rate_mark
+        rate = (self.stats.succeeded - last_count) / max(now - last_at, 1e-3)
+        self._rate_mark = (now, self.stats.succeeded)
+        caches = self.caches
+        loaded = {
+            "models": [
+                f"{model}" + (f" ({quantize})" if quantize else "") for model, quantize in caches.pipelines.loaded
+            ],
+            "adapters": [name for name, _dtype in caches.adapters.cached_keys()],
+            "caches": caches.stats(),
+        }
+        device, memory = _device(self.settings.device)
+        return fleet.Heartbeat(
+            self.name,
+            self.pool,
+            socket.gethostname(),
+            os.getpid(),
+            device,
+            memory,
+            loaded,
+            current_jobs,
+            rate,
+            self.started_at,
+        )
+
+
+def _device(requested: str) -> tuple[str, int | None]:
+    """The device this worker renders on, and its memory (GPU memory, or the machine's RAM on a CPU)."""
+    from models.devices import resolve_device
+
+    device = resolve_device(requested)
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        return f"{device} ({props.name})", int(props.total_memory)
+    return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -116,7 +116,16 @@ def _render(
             caches.encode_missing_prompts(first, [r.prompt for r in requests])
         started = time.perf_counter()
         # T5 runs once per distinct prompt in this process: repeats (other seeds) come from the cache.
-        images = render_batch(pipe, requests, prompt_cache=caches.prompts, model_key=caches.prompt_key(first), **extra)
+        # The deadline is checked between denoising steps: Celery's time limits do nothing on a solo pool.
+        # RenderDeadlineExceeded fails the batch like any render error (then each job alone, its own deadline).
+        images = render_batch(
+            pipe,
+            requests,
+            prompt_cache=caches.prompts,
+            model_key=caches.prompt_key(first),
+            deadline_s=rt.settings.render_deadline_s or None,
+            **extra,
+        )
         per_image_s = (time.perf_counter() - started) / len(batch)
         per_image_ms = round(per_image_s * 1000)
     except Exception as exc:
