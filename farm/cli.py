@@ -257,6 +257,10 @@ def worker(
             device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
             max_batch, io_threads = merged["max_batch"], merged["io_threads"]
             low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
+            if queue is None:  # a pool consumes its own queue, where dispatch routes the jobs it serves
+                from farm.routing import PoolSpec
+
+                queue = PoolSpec.from_options(pool, merged).queue
         settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
         from farm.db import open_store
 
@@ -321,6 +325,8 @@ def _print_statuses(statuses: list[Any], as_json: bool) -> None:
         counts = "  ".join(f"{state} {s.counts[state.value]}" for state in JobStatus)
         eta = "-" if s.eta_s is None else f"{s.eta_s:.0f} s"
         click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
+        for reason, n in s.unroutable.items():
+            click.echo(f"  unroutable {n}: {reason}")
 
 
 @main.command()

@@ -46,4 +46,4 @@ def dispatch_or_warn(settings: Settings, engine: Any, dataset_id: int | None) ->
             err=True,
         )
         sys.exit(3)
-    click.echo(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")
+    click.echo(sent.describe(time.perf_counter() - started))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +42,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets `farm status` read while a worker writes; busy_timeout makes writers wait instead of failing.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # busy_timeout first: writers wait for each other instead of failing.
     cursor.execute("PRAGMA busy_timeout=30000")
+    # WAL lets `farm status` read while a worker writes. The mode is stored in the file, so only the first
+    # connection to a new database switches it; that switch takes an exclusive lock and does not wait on the
+    # busy timeout, so processes starting together on a fresh FARM_HOME retry it.
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        for attempt in range(100):
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.02 * (1 + attempt % 10))
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -96,11 +112,29 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
     if current == head_revision():
         return
     if auto_upgrade:
-        upgrade(engine)
+        with _upgrade_lock(engine):
+            # Another process (a worker and a `farm status` starting together) may have upgraded meanwhile.
+            if current_revision(engine) != head_revision():
+                upgrade(engine)
         return
     raise ConfigError(
         f"the job database is at revision {current or 'none'}, this farm needs {head_revision()}: run `farm db upgrade`"
     )
+
+
+@contextmanager
+def _upgrade_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive file lock beside a SQLite database, so two processes never migrate it at once."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.upgrade-lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _first_line(exc: BaseException) -> str:

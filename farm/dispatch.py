@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from farm import states
 from farm.broker import RENDER_TASK
 from farm.errors import BrokerUnavailable
+from farm.routing import Needs, Router
 from farm.schema import Job, JobStatus
 from farm.settings import Settings, redact
 
@@ -33,41 +34,58 @@ class Dispatched:
 
     jobs: int
     tasks: int
+    unroutable: int = 0  # left pending: no live pool serves them (the reason is on each job)
+
+    def describe(self, seconds: float) -> str:
+        """One line for the CLI."""
+        line = f"dispatched {self.jobs} jobs in {self.tasks} tasks in {seconds:.2f} s"
+        if self.unroutable:
+            line += f"; {self.unroutable} jobs unroutable (no live pool serves them; see `farm status`)"
+        return line
 
 
-def dispatch_pending(engine: Engine, app: Celery, settings: Settings, *, dataset_id: int | None = None) -> Dispatched:
-    """Publish every pending job (of one dataset, or all), page by page.
+def dispatch_pending(
+    engine: Engine, app: Celery, settings: Settings, *, dataset_id: int | None = None, router: Router | None = None
+) -> Dispatched:
+    """Publish every pending job (of one dataset, or all), page by page, each group to its pool's queue.
 
     Publish first, mark queued after: a worker may claim a job that is still pending, and a crash in
     between leaves jobs pending, which the next dispatch sends again (the guarded claim drops the repeat).
+    Jobs no live pool can serve stay pending with the reason recorded (farm/routing.py).
     """
-    sent_jobs = sent_tasks = 0
+    router = router or Router.load(engine, settings)
+    sent_jobs = sent_tasks = unroutable = 0
     after = ""
-    queue = app.amqp.queues[settings.queue]
     while True:
         page = _pending_page(engine, dataset_id, after)
         if not page:
             break
         after = page[-1][0]
-        tasks = list(group_jobs(page, settings.batch_size))
         published: list[str] = []
+        stranded: dict[str, list[str]] = {}
         try:
             with app.producer_or_acquire() as producer:
-                for job_ids in tasks:
-                    _publish(app, producer, queue, job_ids)
+                for key, job_ids in group_jobs(page, settings.batch_size):
+                    model, width, height, _steps, _guidance, controlnet, _scale, quantize = key
+                    route = router.route(Needs(model, controlnet, width * height, quantize))
+                    if route.queue is None:
+                        stranded.setdefault(route.reason or "unroutable", []).extend(job_ids)
+                        continue
+                    _publish(app, producer, app.amqp.queues[route.queue], job_ids)
                     published.extend(job_ids)
                     sent_tasks += 1
         except (KombuOperationalError, OSError) as exc:
-            _mark(engine, published)
+            _mark(engine, published, stranded)
             raise BrokerUnavailable(
                 f"broker {redact(settings.broker_url)} unreachable ({exc.__class__.__name__}); "
                 f"{sent_jobs + len(published)} jobs sent before it failed"
             ) from exc
-        _mark(engine, published)
+        _mark(engine, published, stranded)
         sent_jobs += len(published)
-    if sent_jobs:
-        log.info("dispatched %d jobs in %d tasks", sent_jobs, sent_tasks)
-    return Dispatched(sent_jobs, sent_tasks)
+        unroutable += sum(len(ids) for ids in stranded.values())
+    if sent_jobs or unroutable:
+        log.info("dispatched %d jobs in %d tasks; %d unroutable", sent_jobs, sent_tasks, unroutable)
+    return Dispatched(sent_jobs, sent_tasks, unroutable)
 
 
 def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str]) -> None:
@@ -88,7 +106,7 @@ def reap_and_dispatch(engine: Engine, app: Celery, settings: Settings) -> tuple[
     return reaped, dispatch_pending(engine, app, settings)
 
 
-def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[list[str]]:
+def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[tuple[PendingRow, list[str]]]:
     """Group pending rows into lists of at most batch_size ids that can share one pipeline call."""
     groups: dict[PendingRow, list[str]] = {}
     for job_id, *key_fields in rows:
@@ -96,11 +114,11 @@ def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[list[str
         bucket = groups.setdefault(key, [])
         bucket.append(job_id)
         if len(bucket) == batch_size:
-            yield bucket
+            yield key, bucket
             groups[key] = []
-    for bucket in groups.values():
+    for key, bucket in groups.items():
         if bucket:
-            yield bucket
+            yield key, bucket
 
 
 def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[PendingRow]:
@@ -126,7 +144,10 @@ def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[Pe
         return [tuple(r) for r in conn.execute(query)]
 
 
-def _mark(engine: Engine, job_ids: list[str]) -> None:
-    if job_ids:
-        with engine.begin() as conn:
-            states.mark_queued(conn, job_ids)
+def _mark(engine: Engine, published: list[str], stranded: dict[str, list[str]]) -> None:
+    if not published and not stranded:
+        return
+    with engine.begin() as conn:
+        states.mark_queued(conn, published)
+        for reason, job_ids in stranded.items():
+            states.note_unroutable(conn, job_ids, reason)

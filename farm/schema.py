@@ -112,6 +112,8 @@ class Job(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger)
     render_ms: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    # Why dispatch could not send this pending job anywhere (no live pool serves it); cleared once sent.
+    routing_note: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # `farm status`: counts per state for one dataset come from this index alone.

@@ -67,7 +67,7 @@ def mark_queued(conn: Connection, job_ids: Sequence[str]) -> int:
         result = conn.execute(
             update(Job)
             .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value)
-            .values(status=JobStatus.QUEUED.value)
+            .values(status=JobStatus.QUEUED.value, routing_note=None)
         )
         moved += result.rowcount
     return moved
@@ -183,6 +183,16 @@ def mark_attempt_failed(
         .values(**values)
     )
     return target if result.rowcount == 1 else None
+
+
+def note_unroutable(conn: Connection, job_ids: Sequence[str], reason: str) -> None:
+    """Record on still-pending jobs why no pool could take them (shown by `farm status`)."""
+    for chunk in _chunks(job_ids):
+        conn.execute(
+            update(Job)
+            .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value)
+            .values(routing_note=reason[:1000])
+        )
 
 
 def mark_pending(conn: Connection, job_ids: Sequence[str]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
@@ -23,6 +23,7 @@ class DatasetStatus:
     counts: dict[str, int]
     images_per_s: float
     eta_s: float | None
+    unroutable: dict[str, int] = field(default_factory=dict)  # reason → pending jobs no live pool serves
 
     @property
     def total(self) -> int:
@@ -45,6 +46,8 @@ class DatasetStatus:
             "images_per_s": round(self.images_per_s, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "done": self.done,
+            "unroutable": sum(self.unroutable.values()),
+            "unroutable_reasons": self.unroutable,
         }
 
 
@@ -86,6 +89,11 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
                 Job.dataset_id == ds_id, Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED.value
             )
         ).one()
+        stranded = conn.execute(
+            select(Job.routing_note, func.count())
+            .where(Job.dataset_id == ds_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None))
+            .group_by(Job.routing_note)
+        ).all()
     counts = {s.value: 0 for s in JobStatus}
     counts.update({status: int(n) for status, n in grouped})
     remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
@@ -97,7 +105,7 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
         span = max((end - _aware(first, now)).total_seconds(), 1.0)
         rate = recent / span
     eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
-    return DatasetStatus(name, counts, rate, eta)
+    return DatasetStatus(name, counts, rate, eta, {str(reason): int(n) for reason, n in stranded})
 
 
 def _aware(value: object, now: datetime) -> datetime:

@@ -133,7 +133,7 @@ def dispatch_dataset(
 
     started = time.perf_counter()
     sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
-    (echo or _silent)(f"dispatched {sent.jobs} jobs in {sent.tasks} tasks in {time.perf_counter() - started:.2f} s")
+    (echo or _silent)(sent.describe(time.perf_counter() - started))
     return sent
 
 

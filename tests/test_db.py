@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -78,6 +79,28 @@ def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> 
             text("SELECT id, controlnet, conditioning_scale, control_sha256, control_uri, quantize FROM jobs")
         ).one()
     assert tuple(row) == ("j1", None, None, None, None, None)
-    assert current_revision(engine) == head_revision() == "0004"
+    assert current_revision(engine) == head_revision() == "0005"
     with engine.connect() as conn:  # and the dataset survived the later migrations, unpaused
         assert tuple(conn.execute(text("SELECT name, paused FROM datasets")).one()) == ("d", 0)
+
+
+def _open_at_once(url: str, barrier: Any) -> None:
+    engine = make_engine(url)
+    barrier.wait()  # every process reaches the empty database at the same moment
+    ensure_schema(engine, auto_upgrade=True)
+
+
+def test_processes_starting_together_on_a_fresh_home_upgrade_it_once(tmp_path: Path) -> None:
+    """A worker and `farm status` started at the same moment must not both try to create the tables."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'farm.db'}"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(6)
+    procs = [context.Process(target=_open_at_once, args=(url, barrier)) for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0] * 6
+    assert current_revision(make_engine(url)) == head_revision()
