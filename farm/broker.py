@@ -61,7 +61,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     if scheme in ("redis", "rediss"):
         # Redis redelivers an unacknowledged message after this; keep it above the longest lease,
         # and the guarded claim makes a redelivery render nothing twice.
-        return {"visibility_timeout": max(3600, settings.lease_s * 2)}
+        # Ten priority levels, served strictly in order (kombu's Redis transport: 0 is served first).
+        return {
+            "visibility_timeout": max(3600, settings.lease_s * 2),
+            "priority_steps": list(range(10)),
+            "queue_order_strategy": "priority",
+        }
     if scheme.startswith("sqla+"):
         # kombu hands these to create_engine: wait on SQLite's lock instead of failing.
         return {"connect_args": {"timeout": 30}} if "sqlite" in scheme else {}

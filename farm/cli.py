@@ -100,6 +100,12 @@ def main(ctx: click.Context, home: Path | None) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan; write nothing, send nothing.")
 @click.option("--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them.")
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=None,
+    help="Dataset priority, 0-9, higher first (default 0; given again, it changes for jobs not yet sent).",
+)
 @click.pass_context
 def submit(
     ctx: click.Context,
@@ -119,6 +125,7 @@ def submit(
     vary: tuple[str, ...],
     dry_run: bool,
     no_dispatch: bool,
+    priority: int | None,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
     from farm.submission import submit_file
@@ -142,7 +149,9 @@ def submit(
             vary=vary,
         )
         try:
-            submit_file(settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo)
+            submit_file(
+                settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo, priority=priority
+            )
         except BrokerUnavailable as exc:
             click.echo(
                 f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "

@@ -17,7 +17,7 @@ from farm import states
 from farm.broker import RENDER_TASK
 from farm.errors import BrokerUnavailable
 from farm.routing import Needs, Router
-from farm.schema import Job, JobStatus
+from farm.schema import Dataset, Job, JobStatus
 from farm.settings import Settings, redact
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,14 @@ def dispatch_pending(
     """
     router = router or Router.load(engine, settings)
     sent_jobs = sent_tasks = unroutable = 0
-    after = ""
-    while True:
-        page = _pending_page(engine, dataset_id, after)
+    # Higher-priority datasets first, then page by page in id order within each priority.
+    levels = _pending_priorities(engine, dataset_id)
+    after, level = "", levels.pop(0) if levels else None
+    while level is not None:
+        page = _pending_page(engine, dataset_id, after, level)
         if not page:
-            break
+            after, level = "", levels.pop(0) if levels else None
+            continue
         after = page[-1][0]
         published: list[str] = []
         stranded: dict[str, list[str]] = {}
@@ -71,7 +74,7 @@ def dispatch_pending(
                     if route.queue is None:
                         stranded.setdefault(route.reason or "unroutable", []).extend(job_ids)
                         continue
-                    _publish(app, producer, app.amqp.queues[route.queue], job_ids)
+                    _publish(app, producer, app.amqp.queues[route.queue], job_ids, level)
                     published.extend(job_ids)
                     sent_tasks += 1
         except (KombuOperationalError, OSError) as exc:
@@ -88,14 +91,15 @@ def dispatch_pending(
     return Dispatched(sent_jobs, sent_tasks, unroutable)
 
 
-def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str]) -> None:
+def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str], priority: int) -> None:
     # The lower-level half of send_task: the same message, without per-call routing and signal work,
     # which is most of the cost when publishing tens of thousands of tasks.
     # argsrepr given: Celery would otherwise build a safe repr of every id list (a third of the cost).
     message = app.amqp.create_task_message(
         uuid.uuid4().hex, RENDER_TASK, [job_ids], {}, argsrepr=f"[{len(job_ids)} job ids]", kwargsrepr="{}"
     )
-    app.amqp.send_task_message(producer, RENDER_TASK, message, queue=queue, retry=False)
+    # kombu's Redis transport serves message priority 0 first; ours is "higher first", so invert it.
+    app.amqp.send_task_message(producer, RENDER_TASK, message, queue=queue, retry=False, priority=9 - priority)
 
 
 def reap_and_dispatch(engine: Engine, app: Celery, settings: Settings) -> tuple[states.Reaped, Dispatched]:
@@ -121,7 +125,21 @@ def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[tuple[Pe
             yield key, bucket
 
 
-def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[PendingRow]:
+def _pending_priorities(engine: Engine, dataset_id: int | None) -> list[int]:
+    query = (
+        select(Dataset.priority)
+        .join(Job, Job.dataset_id == Dataset.id)
+        .where(Job.status == JobStatus.PENDING.value)
+        .distinct()
+        .order_by(Dataset.priority.desc())
+    )
+    if dataset_id is not None:
+        query = query.where(Dataset.id == dataset_id)
+    with engine.connect() as conn:
+        return [int(p) for p in conn.execute(query).scalars()]
+
+
+def _pending_page(engine: Engine, dataset_id: int | None, after: str, priority: int) -> list[PendingRow]:
     query = (
         select(
             Job.id,
@@ -134,7 +152,8 @@ def _pending_page(engine: Engine, dataset_id: int | None, after: str) -> list[Pe
             Job.conditioning_scale,
             Job.quantize,
         )
-        .where(Job.status == JobStatus.PENDING.value, Job.id > after)
+        .join(Dataset, Dataset.id == Job.dataset_id)
+        .where(Job.status == JobStatus.PENDING.value, Job.id > after, Dataset.priority == priority)
         .order_by(Job.id)
         .limit(_PAGE)
     )

@@ -76,6 +76,8 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     # A paused dataset's jobs are not claimed; `farm resume` sends them again.
     paused: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    # 0–9, higher first: dispatch sends higher-priority datasets first, on Redis priority queues.
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
 
 class Job(Base):

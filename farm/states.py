@@ -301,3 +301,8 @@ def extend_leases(conn: Connection, *, worker: str, lease_s: int) -> int:
         .where(Job.worker == worker, Job.status == JobStatus.RUNNING.value)
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
     ).rowcount
+
+
+def set_priority(conn: Connection, dataset_id: int, priority: int) -> None:
+    """0–9, higher first; applies to the dataset's jobs dispatched from now on."""
+    conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(priority=priority))

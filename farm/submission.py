@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from farm.errors import ConfigError
+from farm import states
+from farm.errors import ConfigError, InvalidSubmission
 from farm.inputs import NEGATIVE_PROMPT_NOTE
 from farm.storage import Storage
 from farm.submit import Plan, SubmitOptions, plan_submission, record, store_conditions
@@ -53,9 +54,11 @@ def submit_file(
     dispatch: bool = True,
     dry_run: bool = False,
     echo: Echo | None = None,
+    priority: int | None = None,
 ) -> SubmitResult:
     """`farm submit`: plan the file, then submit_plan. Nothing is written unless every row is valid."""
-    return submit_plan(settings, plan_submission(path, options), dispatch=dispatch, dry_run=dry_run, echo=echo)
+    plan = plan_submission(path, options)
+    return submit_plan(settings, plan, dispatch=dispatch, dry_run=dry_run, echo=echo, priority=priority)
 
 
 def submit_plan(
@@ -66,6 +69,7 @@ def submit_plan(
     dry_run: bool = False,
     echo: Echo | None = None,
     engine: Engine | None = None,
+    priority: int | None = None,
 ) -> SubmitResult:
     """Report the job count, then (unless a dry run) store condition images, record and dispatch.
 
@@ -73,6 +77,8 @@ def submit_plan(
     touches no database, storage or broker. With the broker down the jobs are recorded as pending and
     BrokerUnavailable is raised; `farm dispatch` (or Client.dispatch) sends them later.
     """
+    if priority is not None and not 0 <= priority <= 9:
+        raise InvalidSubmission(f"priority must be between 0 and 9, got {priority}", field="priority", value=priority)
     say = echo or _silent
     for line in summary_lines(plan):
         say(line)
@@ -114,6 +120,9 @@ def submit_plan(
             new_jobs=recorded.new_jobs,
             already_present=recorded.already_present,
         )
+        if priority is not None:
+            with store.begin() as conn:
+                states.set_priority(conn, recorded.dataset_id, priority)
         if not dispatch:
             return result
         # 3. Publish the pending jobs (ids only) and mark them queued.

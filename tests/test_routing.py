@@ -140,3 +140,40 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: 
     assert nobody["unroutable"] == 3
     assert "no pool serves these jobs" in next(iter(nobody["unroutable_reasons"]))
     assert "unroutable 3: no pool serves these jobs (int8: model bench-small" in farm("status", "nobody")
+
+
+@pytest.mark.integration
+def test_higher_priority_datasets_render_first(tmp_path: Path, pg_url: str, redis_url: str, queue_name: str) -> None:
+    """Both datasets are on the Redis queue before the worker starts; the urgent one is claimed first."""
+    env = farm_env(
+        FARM_HOME=str(tmp_path / "home"),
+        FARM_DATABASE_URL=pg_url,
+        FARM_BROKER_URL=redis_url,
+        FARM_QUEUE=queue_name,
+        FARM_BATCH_SIZE="2",
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+    )
+    assert run_farm(["models", "make-tiny"], env).returncode == 0
+    (tmp_path / "p.txt").write_text("".join(f"a lamp, take {i}\n" for i in range(6)))
+    low, urgent = f"low-{queue_name}", f"urgent-{queue_name}"
+    assert run_farm(["submit", str(tmp_path / "p.txt"), "--dataset", low], env).returncode == 0
+    assert run_farm(["submit", str(tmp_path / "p.txt"), "--dataset", urgent, "--priority", "9"], env).returncode == 0
+    worker = Worker(env, tmp_path / "worker.log", extra_args=("--max-batch", "2"))
+    try:
+        for name in (low, urgent):
+            wait_until(
+                lambda name=name: json.loads(run_farm(["status", name, "--json"], env).stdout)["done"],
+                timeout_s=180,
+                what=f"dataset {name}",
+                worker=worker,
+            )
+    finally:
+        worker.stop()
+    with make_engine(pg_url).connect() as conn:
+        rows = conn.execute(
+            select(Dataset.name, Job.started_at).join(Dataset).where(Dataset.name.in_([low, urgent]))
+        ).all()
+    urgent_starts = [r.started_at for r in rows if r.name == urgent]
+    low_starts = [r.started_at for r in rows if r.name == low]
+    assert len(urgent_starts) == len(low_starts) == 6
+    assert max(urgent_starts) <= min(low_starts)  # submitted second, rendered first
