@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, or_, select, update
+from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from farm.schema import UNFINISHED, Dataset, Job, JobStatus, utcnow
@@ -159,7 +159,9 @@ def mark_attempt_failed(
     """running → queued for another attempt, or → failed after the last one. Returns the new state,
     or None if this worker no longer holds the job (it was reaped or canceled meanwhile)."""
     row = conn.execute(
-        select(Job.attempts).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
+        select(Job.attempts, Job.error).where(
+            Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker
+        )
     ).first()
     if row is None:
         return None
@@ -168,7 +170,7 @@ def mark_attempt_failed(
     values: dict[str, object] = {
         "status": target.value,
         "lease_expires_at": None,
-        "error": f"attempt {attempts}: {error}"[:_ERROR_MAX_CHARS],
+        "error": _with_attempt(row.error, f"attempt {attempts}: {error}"),
     }
     if target is JobStatus.FAILED:
         values["finished_at"] = utcnow()
@@ -183,6 +185,15 @@ def mark_attempt_failed(
         .values(**values)
     )
     return target if result.rowcount == 1 else None
+
+
+def _with_attempt(previous: str | None, line: str) -> str:
+    """Every attempt's error, one line each, oldest first; the oldest lines go past _ERROR_MAX_CHARS."""
+    text = f"{previous}\n{line}" if previous else line
+    if len(text) <= _ERROR_MAX_CHARS:
+        return text
+    tail = text[-_ERROR_MAX_CHARS:]
+    return tail.split("\n", 1)[1] if "\n" in tail else tail
 
 
 def note_unroutable(conn: Connection, job_ids: Sequence[str], reason: str) -> None:
@@ -216,6 +227,12 @@ class Reaped:
     failed: list[str]
 
 
+# Appended to the job's earlier attempts' errors, as mark_attempt_failed does.
+_reaped_error = func.coalesce(Job.error + "\n", "") + (
+    "attempt " + cast(Job.attempts, String) + ": lease expired (worker " + Job.worker + " stopped)"
+)
+
+
 def reap_expired(conn: Connection, *, max_attempts: int) -> Reaped:
     """running with an expired lease → pending (sent again by dispatch), or → failed when out of attempts.
 
@@ -230,7 +247,7 @@ def reap_expired(conn: Connection, *, max_attempts: int) -> Reaped:
             .values(
                 status=JobStatus.PENDING.value,
                 lease_expires_at=None,
-                error="attempt " + cast(Job.attempts, String) + ": lease expired (worker " + Job.worker + " stopped)",
+                error=_reaped_error,
             )
             .returning(Job.id)
         )
@@ -245,7 +262,7 @@ def reap_expired(conn: Connection, *, max_attempts: int) -> Reaped:
                 status=JobStatus.FAILED.value,
                 lease_expires_at=None,
                 finished_at=now,
-                error="attempt " + cast(Job.attempts, String) + ": lease expired (worker " + Job.worker + " stopped)",
+                error=_reaped_error,
             )
             .returning(Job.id)
         )
@@ -286,7 +303,7 @@ def requeue_queued(conn: Connection, dataset_id: int) -> int:
 
 
 def retry_failed(conn: Connection, dataset_id: int) -> int:
-    """failed → pending with a fresh set of attempts; the last error stays until the job succeeds."""
+    """failed → pending with a fresh set of attempts; the earlier errors stay until the job succeeds."""
     return conn.execute(
         update(Job)
         .where(Job.dataset_id == dataset_id, Job.status == JobStatus.FAILED.value)

@@ -123,7 +123,7 @@ def test_failed_attempts_requeue_then_fail_with_the_error_kept(engine: Engine) -
         assert states.mark_attempt_failed(conn, ids[0], worker="w1", error="boom 3", max_attempts=3) is (
             JobStatus.FAILED
         )
-    assert _status(engine, ids[0]) == ("failed", 3, "attempt 3: boom 3")
+    assert _status(engine, ids[0]) == ("failed", 3, "attempt 1: boom\nattempt 2: boom\nattempt 3: boom 3")
     assert _claim(engine, ids, max_attempts=3) == []
 
 
@@ -172,3 +172,14 @@ def test_reaper_requeues_expired_leases_and_fails_the_last_attempt(engine: Engin
     assert _status(engine, ids[2]) == ("failed", 2, "attempt 2: lease expired (worker dead-worker stopped)")
     with engine.begin() as conn:
         assert states.reap_expired(conn, max_attempts=2) == states.Reaped([], [])
+
+
+def test_the_error_history_keeps_the_newest_attempts_within_its_cap() -> None:
+    from farm.states import _ERROR_MAX_CHARS, _with_attempt
+
+    text = None
+    for attempt in range(1, 200):
+        text = _with_attempt(text, f"attempt {attempt}: " + "x" * 60)
+    assert text is not None and len(text) <= _ERROR_MAX_CHARS
+    assert text.splitlines()[-1].startswith("attempt 199: ")
+    assert text.splitlines()[0].startswith("attempt ")  # cut at a line boundary, never mid-line

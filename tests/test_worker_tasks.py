@@ -121,7 +121,10 @@ def test_poison_job_through_a_real_worker_and_redis(
     assert (counts["succeeded"], counts["failed"]) == (3, 1)
     failed = run_farm(["jobs", dataset, "--state", "failed", "--json"], env)
     [row] = [json.loads(line) for line in failed.stdout.splitlines()]
-    assert row["attempts"] == 3 and row["error"].startswith("attempt 3: ModelLoadError")
+    assert row["attempts"] == 3
+    lines = row["error"].splitlines()  # every attempt's error, in order
+    assert [line.split(":")[0] for line in lines] == ["attempt 1", "attempt 2", "attempt 3"]
+    assert all(line.split(": ", 1)[1].startswith("ModelLoadError") for line in lines)
     log = worker.log()
     assert "attempt 1 failed" in log and "attempt 2 failed" in log and "failed after 3 attempts" in log
     engine = make_engine(pg_url)
