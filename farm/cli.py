@@ -4,14 +4,13 @@ the commands that run them, so `farm submit` and `farm status` start instantly."
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from farm.cli_common import dispatch_or_warn, errors, settings_of
+from farm.cli_common import dispatch_or_warn, errors, exit_broker_down, settings_of
 from farm.errors import BrokerUnavailable
 from farm.schema import JobStatus
 from farm.settings import load_settings, with_overrides
@@ -153,12 +152,7 @@ def submit(
                 settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo, priority=priority
             )
         except BrokerUnavailable as exc:
-            click.echo(
-                f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
-                "run `farm dispatch` once the broker is back.",
-                err=True,
-            )
-            sys.exit(3)
+            exit_broker_down(exc)
         if no_dispatch and not dry_run:
             click.echo("not dispatched (--no-dispatch): run `farm dispatch` to send them")
 

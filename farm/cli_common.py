@@ -40,10 +40,15 @@ def dispatch_or_warn(settings: Settings, engine: Any, dataset_id: int | None) ->
     try:
         sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)
     except BrokerUnavailable as exc:
-        click.echo(
-            f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
-            "run `farm dispatch` once the broker is back.",
-            err=True,
-        )
-        sys.exit(3)
+        exit_broker_down(exc)
     click.echo(sent.describe(time.perf_counter() - started))
+
+
+def exit_broker_down(exc: BrokerUnavailable) -> None:
+    """The broker is away: say that the jobs are safe as pending, and exit 3."""
+    click.echo(
+        f"warning: {exc}. The jobs are recorded as pending and nothing is lost: "
+        "run `farm dispatch` once the broker is back.",
+        err=True,
+    )
+    sys.exit(3)
