@@ -131,10 +131,18 @@ class ConditionLatentCache(LRUCache[tuple[str, str, int, int], "torch.Tensor"]):
 
     def latents(self, path: str | Path, vae: AutoencoderKL, width: int, height: int) -> torch.Tensor:
         """Return 1×C×h×w latents for the image at `path`, encoding it only on a miss."""
-        from models.conditions import encode_condition, image_sha256, load_condition_image
+        from models.conditions import image_sha256
 
-        key = (image_sha256(path), model_identity(vae), width, height)
-        return self.get_or_create(key, lambda: encode_condition(vae, load_condition_image(path), width, height))
+        return self.latents_for(image_sha256(path), lambda: path, vae, width, height)
+
+    def latents_for(
+        self, sha256: str, fetch: Callable[[], str | Path], vae: AutoencoderKL, width: int, height: int
+    ) -> torch.Tensor:
+        """Like latents(), keyed by a known sha256: a hit reads no file; `fetch` gives the image's path on a miss."""
+        from models.conditions import encode_condition, load_condition_image
+
+        key = (sha256, model_identity(vae), width, height)
+        return self.get_or_create(key, lambda: encode_condition(vae, load_condition_image(fetch()), width, height))
 
 
 class PromptEmbeddingCache(LRUCache[tuple[str, str], "tuple[torch.Tensor, torch.Tensor]"]):

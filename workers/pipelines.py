@@ -122,7 +122,13 @@ class RenderCaches:
         from models.pipeline import render_size
 
         width, height = render_size(pipe, jobs[0].width, jobs[0].height)
-        return [self.conditions.latents(self._condition_file(job), pipe.vae, width, height) for job in jobs]
+        # Keyed by the sha256 recorded at submit: a hit touches neither storage nor the file.
+        return [
+            self.conditions.latents_for(
+                str(job.control_sha256), lambda job=job: self._condition_file(job), pipe.vae, width, height
+            )
+            for job in jobs
+        ]
 
     def prompt_key(self, job: Claimed) -> str:
         return f"{job.model}|{job.quantize or 'full'}"
