@@ -99,7 +99,6 @@ class RenderCaches:
     adapters: Any = None
     conditions: Any = None
     prompts: Any = None
-    low_memory: bool = False
     t5_loads: int = 0
 
     def __post_init__(self) -> None:

@@ -93,7 +93,7 @@ class WorkerRuntime:
         batch = max_batch or settings.batch_size
         # Two batches may wait for storage while a third renders; beyond that the render loop waits.
         uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch)
-        caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory), low_memory=low_memory)
+        caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory))
         name = name or default_worker_name()
         engine = make_engine(settings.database_url)
         leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s)
