@@ -297,7 +297,7 @@ def worker(
 def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
     """Counts per state, images/s and ETA, for one dataset or all."""
     from farm.db import open_store
-    from farm.status import all_statuses, dataset_status
+    from farm.status import all_statuses, dataset_status, pool_progress
 
     settings = settings_of(ctx)
     with errors():
@@ -311,7 +311,10 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
             def read() -> list[Any]:
                 return [dataset_status(engine, name) for name in names]
 
-            _print_statuses(watch_datasets(read, interval_s=interval_s), as_json)
+            def read_pools() -> list[Any]:
+                return pool_progress(engine, names, beat_s=settings.lease_s / 3)
+
+            _print_statuses(watch_datasets(read, interval_s=interval_s, read_pools=read_pools), as_json)
             return
         statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
         _print_statuses(statuses, as_json)

@@ -113,6 +113,48 @@ def _aware(value: object, now: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=now.tzinfo)
 
 
+@dataclass(frozen=True)
+class PoolProgress:
+    """A pool's share of the watched datasets: images its workers finished, jobs they hold now, speed."""
+
+    pool: str
+    succeeded: int
+    running: int
+    workers_alive: int
+    images_per_s: float
+
+
+def pool_progress(engine: Engine, names: list[str], *, beat_s: float) -> list[PoolProgress]:
+    """Per pool (from the workers' heartbeats), for the jobs of the named datasets."""
+    from farm.fleet import list_workers
+    from farm.schema import Worker
+
+    by_pool: dict[str, dict[str, float]] = {}
+
+    def entry(pool: str | None) -> dict[str, float]:
+        return by_pool.setdefault(pool or "(no pool)", {"succeeded": 0, "running": 0, "alive": 0, "rate": 0.0})
+
+    with engine.connect() as conn:
+        counted = conn.execute(
+            select(Worker.pool, Job.status, func.count())
+            .select_from(Job)
+            .join(Dataset, Dataset.id == Job.dataset_id)
+            .join(Worker, Worker.name == Job.worker)
+            .where(Dataset.name.in_(names), Job.status.in_([JobStatus.SUCCEEDED.value, JobStatus.RUNNING.value]))
+            .group_by(Worker.pool, Job.status)
+        ).all()
+    for pool, state, n in counted:
+        entry(pool)[state] += int(n)
+    for worker in list_workers(engine, beat_s=beat_s):
+        if worker.state == "alive":
+            entry(worker.pool)["alive"] += 1
+            entry(worker.pool)["rate"] += worker.images_per_s
+    return [
+        PoolProgress(pool, int(v["succeeded"]), int(v["running"]), int(v["alive"]), v["rate"])
+        for pool, v in sorted(by_pool.items())
+    ]
+
+
 def all_statuses(engine: Engine) -> list[DatasetStatus]:
     """Every dataset's status, oldest first."""
     with engine.connect() as conn:

@@ -8,13 +8,18 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from farm.status import DatasetStatus
+from farm.status import DatasetStatus, PoolProgress
 
 
 def watch_datasets(
-    read: Callable[[], list[DatasetStatus]], *, interval_s: float = 1.0, console: Console | None = None
+    read: Callable[[], list[DatasetStatus]],
+    *,
+    interval_s: float = 1.0,
+    console: Console | None = None,
+    read_pools: Callable[[], list[PoolProgress]] | None = None,
 ) -> list[DatasetStatus]:
-    """Redraw a bar per dataset until every job of every dataset shown is finished; returns the last read."""
+    """Redraw a bar per dataset (and per pool, if read_pools is given) until every job of every dataset shown
+    is finished; returns the last read."""
     current = read()
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -30,6 +35,17 @@ def watch_datasets(
                 if s.name not in bars:
                     bars[s.name] = progress.add_task(s.name, total=s.total, completed=s.finished, detail="")
                 progress.update(bars[s.name], total=s.total, completed=s.finished, detail=_detail(s))
+            # A pool's bar: the images its workers finished out of those plus the jobs they hold now.
+            for p in read_pools() if read_pools else []:
+                key = f"pool {p.pool}"
+                if key not in bars:
+                    bars[key] = progress.add_task(key, total=None, completed=0, detail="")
+                progress.update(
+                    bars[key],
+                    total=p.succeeded + p.running,
+                    completed=p.succeeded,
+                    detail=f"{p.workers_alive} workers alive  running {p.running}  {p.images_per_s:.2f} img/s",
+                )
 
         draw(current)
         try:

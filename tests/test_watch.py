@@ -35,3 +35,66 @@ def test_one_bar_per_dataset_until_all_are_finished() -> None:
     assert [(s.name, s.finished) for s in final] == [("cats", 4), ("dogs", 2)]
     text = out.getvalue()
     assert "cats" in text and "dogs" in text and "4/4" in text and "2/2" in text
+
+
+def test_pool_bars_show_each_pools_share(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pool_progress counts, per pool, the watched datasets' images its workers finished and hold."""
+    import uuid
+
+    from farm.db import ensure_schema, make_engine
+    from farm.fleet import Heartbeat, beat
+    from farm.schema import Dataset, Job, utcnow
+    from farm.status import pool_progress
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(engine, auto_upgrade=True)
+    with engine.begin() as conn:
+        for name, pool in (("w1", "small"), ("w2", "big"), ("w3", "big")):
+            beat(conn, Heartbeat(name, pool, "h", 1, "cpu", None, {}, 0, 1.5, utcnow()))
+        conn.execute(
+            Dataset.__table__.insert(),
+            [dict(id=1, name="cats", created_at=utcnow()), dict(id=2, name="other", created_at=utcnow())],
+        )
+        rows = [
+            ("w1", "succeeded", 1),
+            ("w1", "running", 1),
+            ("w2", "succeeded", 1),
+            ("w3", "succeeded", 1),
+            ("w3", "succeeded", 2),
+            ("w2", "queued", 1),
+        ]
+        conn.execute(
+            Job.__table__.insert(),
+            [
+                dict(
+                    id=uuid.uuid4().hex,
+                    dataset_id=ds,
+                    prompt="p",
+                    seed=i,
+                    width=64,
+                    height=64,
+                    num_inference_steps=4,
+                    guidance_scale=0.0,
+                    model="tiny",
+                    status=state,
+                    attempts=1,
+                    worker=worker,
+                    created_at=utcnow(),
+                )
+                for i, (worker, state, ds) in enumerate(rows)
+            ],
+        )
+    pools = {p.pool: p for p in pool_progress(engine, ["cats"], beat_s=10)}
+    assert (pools["small"].succeeded, pools["small"].running, pools["small"].workers_alive) == (1, 1, 1)
+    assert (pools["big"].succeeded, pools["big"].running, pools["big"].workers_alive) == (2, 0, 2)
+    assert pools["big"].images_per_s == 3.0
+
+    out = io.StringIO()
+    frames = iter([[_status("cats", 3, 4)], [_status("cats", 4, 4)]])
+    watch_datasets(
+        lambda: next(frames),
+        interval_s=0,
+        console=Console(file=out, width=140, force_terminal=False),
+        read_pools=lambda: pool_progress(engine, ["cats"], beat_s=10),
+    )
+    assert "pool big" in out.getvalue() and "pool small" in out.getvalue() and "2 workers alive" in out.getvalue()
