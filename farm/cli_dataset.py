@@ -5,23 +5,10 @@ from __future__ import annotations
 import click
 
 from farm.cli_common import errors, settings_of
-from farm.errors import ConfigError
 from farm.export import FORMATS
-from farm.settings import Settings
-from farm.storage import Storage
+from farm.storage import storage_for
 
 __all__ = ["export", "url"]
-
-
-def _farm_storage(settings: Settings) -> Storage:
-    from farm.storage import open_storage
-
-    try:
-        return open_storage(
-            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 @click.command()
@@ -60,7 +47,7 @@ def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int)
         try:
             result = export_dataset(
                 engine,
-                _farm_storage(settings),
+                storage_for(settings),
                 dataset,
                 fmt=fmt,
                 to=to,
@@ -103,7 +90,7 @@ def url(ctx: click.Context, job: str, expires_s: int) -> None:
         finally:
             engine.dispose()
         try:
-            link = presigned_url(_farm_storage(settings), uri, expires_s)
+            link = presigned_url(storage_for(settings), uri, expires_s)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(link)

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from farm.cli_common import errors, settings_of
-from farm.errors import ConfigError
 
 
 @click.command()
@@ -32,17 +31,12 @@ def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, colu
     """Write a contact sheet PNG and an HTML gallery of a dataset's finished images."""
     from farm.db import open_store
     from farm.preview import make_preview
-    from farm.storage import open_storage
+    from farm.storage import storage_for
 
     settings = settings_of(ctx)
     with errors():
         engine = open_store(settings)
-        try:
-            storage = open_storage(
-                settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        storage = storage_for(settings)
         target = out or Path(f"{dataset}-preview")
         result = make_preview(engine, storage, dataset, target, limit=limit, columns=columns, thumb_px=thumb)
     for reason in result.skipped:

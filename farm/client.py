@@ -26,8 +26,8 @@ from farm.inputs import FORMATS, rows_from_records
 from farm.schema import Job, JobStatus
 from farm.settings import Settings, load_settings
 from farm.status import DatasetStatus, dataset_id, dataset_status
-from farm.storage import LocalStorage, S3Storage, Storage, object_key
-from farm.submission import SubmitResult, storage_for, submit_plan
+from farm.storage import LocalStorage, S3Storage, Storage, object_key, storage_for
+from farm.submission import SubmitResult, submit_plan
 from farm.submit import SubmitOptions, plan_rows, plan_submission
 
 if TYPE_CHECKING:

@@ -161,17 +161,12 @@ def _broker_hint(settings: Settings) -> str:
 
 def check_storage(settings: Settings) -> Check:
     """Write, read back and delete a small probe object, as a worker's upload would."""
-    from farm.errors import StorageError
-    from farm.storage import open_storage
+    from farm.errors import ConfigError, StorageError
+    from farm.storage import storage_for
 
     try:
-        storage = open_storage(
-            settings.storage_url,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            s3_region=settings.s3_region,
-            max_attempts=1,
-        )
-    except (ValueError, StorageError) as exc:
+        storage = storage_for(settings, max_attempts=1)
+    except (ConfigError, StorageError) as exc:
         return Check("storage", Level.FAIL, _first_line(exc), "check FARM_STORAGE_URL")
     token = secrets.token_hex(8)
     key = "/".join(part for part in (storage.prefix, "_doctor", f"probe-{token}") if part)

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from urllib.parse import unquote, urlsplit
 
-from farm.errors import StorageError, TransientStorageError
+from farm.errors import ConfigError, StorageError, TransientStorageError
 
 if TYPE_CHECKING:
     from botocore.exceptions import BotoCoreError, ClientError
+
+    from farm.settings import Settings
 
 __all__ = [
     "LocalStorage",
@@ -420,3 +422,16 @@ def open_storage(
             max_attempts=max_attempts,
         )
     raise ValueError(f"unsupported storage URL {_redact(storage_url)!r}; use {forms}")
+
+
+def storage_for(settings: Settings, *, max_attempts: int = 5) -> Storage:
+    """The storage the settings name (FARM_STORAGE_URL, FARM_S3_*); a malformed URL is a ConfigError."""
+    try:
+        return open_storage(
+            settings.storage_url,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+            max_attempts=max_attempts,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

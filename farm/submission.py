@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import Engine
 
 from farm import states
-from farm.errors import ConfigError, InvalidSubmission
+from farm.errors import InvalidSubmission
 from farm.inputs import NEGATIVE_PROMPT_NOTE
-from farm.storage import Storage
+from farm.storage import storage_for
 from farm.submit import Plan, SubmitOptions, plan_submission, record, store_conditions
 
 if TYPE_CHECKING:
@@ -184,15 +184,3 @@ def dry_run_lines(plan: Plan, samples: int = SAMPLE_JOBS) -> list[str]:
 
 def _silent(_line: str) -> None:
     """An echo that drops the line (farm.Client reports through its return value)."""
-
-
-def storage_for(settings: Settings) -> Storage:
-    """The storage these settings name; a malformed URL is a ConfigError."""
-    from farm.storage import open_storage
-
-    try:
-        return open_storage(
-            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None

@@ -17,7 +17,7 @@ from farm import fleet
 from farm.db import make_engine
 from farm.schema import Dataset, utcnow
 from farm.settings import Settings
-from farm.storage import Storage, open_storage
+from farm.storage import Storage, storage_for
 from workers.leases import LeaseKeeper
 from workers.pipelines import PipelineCache, RenderCaches
 from workers.uploads import Uploader
@@ -87,9 +87,7 @@ class WorkerRuntime:
         low_memory: bool = False,
         pool: str | None = None,
     ) -> WorkerRuntime:
-        storage = open_storage(
-            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
-        )
+        storage = storage_for(settings)
         batch = max_batch or settings.batch_size
         # Two batches may wait for storage while a third renders; beyond that the render loop waits.
         uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch)
