@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from farm.client import Client, FinishedImage
-    from farm.submission import SubmitResult
+    from farm.submit.run import SubmitResult
 
 __all__ = ["Client", "FinishedImage", "SubmitResult"]
 

@@ -22,18 +22,18 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import InvalidSubmission, StorageError
-from farm.inputs import FORMATS, rows_from_records
-from farm.schema import Job, JobStatus
 from farm.settings import Settings, load_settings
-from farm.status import DatasetStatus, dataset_id, dataset_status
 from farm.storage import LocalStorage, S3Storage, Storage, object_key, storage_for
-from farm.submission import SubmitResult, submit_plan
-from farm.submit import SubmitOptions, plan_rows, plan_submission
+from farm.store.queries import DatasetStatus, dataset_id, dataset_status
+from farm.store.schema import Job, JobStatus
+from farm.submit.inputs import FORMATS, rows_from_records
+from farm.submit.plan import SubmitOptions, plan_rows, plan_submission
+from farm.submit.run import SubmitResult, submit_plan
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from farm.dispatch import Dispatched
+    from farm.dispatch.publish import Dispatched
 
 __all__ = ["Client", "FinishedImage", "SubmitResult"]
 
@@ -97,7 +97,7 @@ class Client:
     def engine(self) -> Engine:
         """The job database, opened (and for the embedded default, created) on first use."""
         if self._engine is None:
-            from farm.db import open_store
+            from farm.store.engine import open_store
 
             self._engine = open_store(self.settings)
         return self._engine
@@ -145,7 +145,7 @@ class Client:
 
     def dispatch(self, dataset: str | None = None) -> Dispatched:
         """Publish pending jobs (after a broker outage, or submit(dispatch=False)), as `farm dispatch`."""
-        from farm.submission import dispatch_dataset
+        from farm.submit.run import dispatch_dataset
 
         ds_id = dataset_id(self.engine, dataset) if dataset is not None else None
         return dispatch_dataset(self.settings, self.engine, ds_id)

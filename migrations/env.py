@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from farm.db import normalize_url
-from farm.schema import Base
+from farm.store.engine import normalize_url
+from farm.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

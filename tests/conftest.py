@@ -56,7 +56,7 @@ def pg_url() -> Iterator[str]:
         _unavailable("PostgreSQL", str(exc).splitlines()[0])
     url = admin.set(database=name).render_as_string(hide_password=False)
 
-    from farm.db import make_engine, upgrade
+    from farm.store.engine import make_engine, upgrade
 
     engine = make_engine(url)
     upgrade(engine)

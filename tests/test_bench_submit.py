@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from farm.bench_submit import bench_submit
-from farm.db import make_engine
-from farm.schema import Dataset, Job
+from benchmarks.submit import bench_submit
 from farm.settings import Settings, load_settings
+from farm.store.engine import make_engine
+from farm.store.schema import Dataset, Job
 
 PROMPTS = 500
 STATUS_JOBS = 5_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from farm.broker import celery_config, make_celery
+from farm.dispatch.broker import celery_config, make_celery
 from farm.settings import load_settings
 
 
@@ -30,7 +30,7 @@ def test_redis_visibility_timeout_exceeds_the_lease(tmp_path: Path) -> None:
 def test_sqlite_broker_gets_no_redis_only_options(tmp_path: Path) -> None:
     conf = celery_config(_settings(tmp_path))
     assert conf["broker_url"].startswith("sqlite:///")
-    assert conf["broker_transport"] == "farm.broker:SQLBrokerTransport"
+    assert conf["broker_transport"] == "farm.dispatch.broker:SQLBrokerTransport"
     assert "visibility_timeout" not in conf["broker_transport_options"]
     with make_celery(_settings(tmp_path)).connection_for_write() as conn:
         assert conn.transport.polling_interval == 0.1  # not kombu's 1 s between two tasks

@@ -11,8 +11,8 @@ from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
 from farm.cli import main
-from farm.db import ensure_schema, make_engine
-from farm.schema import Dataset, Job
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.schema import Dataset, Job
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "", "a bowl of ramen", "a city from above"]
 N = 4  # non-blank lines

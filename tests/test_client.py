@@ -15,9 +15,9 @@ from sqlalchemy import update
 
 from farm import Client
 from farm.errors import InvalidSubmission, StorageError, UnknownDataset
-from farm.schema import Job, JobStatus, utcnow
 from farm.settings import load_settings
 from farm.storage import object_key
+from farm.store.schema import Job, JobStatus, utcnow
 from tests.support.processes import REPO, Worker, farm_env, run_farm
 
 

@@ -1,4 +1,4 @@
-"""Steering submitted datasets: cancel, retry --failed, pause and resume, through the CLI and the states."""
+"""Steering submitted datasets: cancel, retry --failed, pause and resume, through the CLI and the transitions."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
-from farm import states
 from farm.cli import main
-from farm.db import make_engine
-from farm.schema import Dataset, Job
+from farm.store import transitions
+from farm.store.engine import make_engine
+from farm.store.schema import Dataset, Job
 
 PROMPTS = "a red door\na blue door\na green door\n"
 
@@ -66,11 +66,11 @@ def test_paused_datasets_are_not_claimed_and_resume_sends_them_again(farm) -> No
     with farm.engine.begin() as conn:
         ids = conn.execute(select(Job.id)).scalars().all()
         assert conn.execute(select(Dataset.paused)).scalar_one() is True
-        assert states.claim(conn, ids, worker="w", lease_s=60, max_attempts=3) == []
+        assert transitions.claim(conn, ids, worker="w", lease_s=60, max_attempts=3) == []
     output = farm("resume", "doors")
     assert "3 waiting jobs" in output and "dispatched 3 jobs" in output
     with farm.engine.begin() as conn:
-        assert len(states.claim(conn, ids, worker="w", lease_s=60, max_attempts=3)) == 3
+        assert len(transitions.claim(conn, ids, worker="w", lease_s=60, max_attempts=3)) == 3
 
 
 def test_unknown_dataset_is_a_usage_error(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from farm.db import current_revision, ensure_schema, head_revision, make_engine, normalize_url
 from farm.errors import ConfigError
-from farm.schema import Base
+from farm.store.engine import current_revision, ensure_schema, head_revision, make_engine, normalize_url
+from farm.store.schema import Base
 from tests.support.processes import farm_env, run_farm
 from tests.support.s3 import free_port
 
@@ -60,7 +60,7 @@ def test_unreachable_database_is_a_plain_error_without_the_password(tmp_path: Pa
 def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> None:
     from sqlalchemy import text
 
-    from farm.db import upgrade
+    from farm.store.engine import upgrade
 
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     upgrade(engine, "0001")

@@ -12,12 +12,12 @@ import pytest
 from diffusers import PixArtAlphaPipeline
 from sqlalchemy import select
 
-from farm.broker import make_celery
-from farm.db import open_store
+from farm.dispatch.broker import make_celery
 from farm.errors import ConfigError
-from farm.schema import Job
 from farm.settings import load_settings
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import open_store
+from farm.store.schema import Job
+from farm.submit.plan import SubmitOptions, plan_submission, record
 from models import pipeline as pipeline_module
 from models.pipeline import RenderDeadlineExceeded, RenderRequest, load_pipeline, render_batch
 from models.tiny import TINY_DEFAULT_SIZE, make_tiny

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.doctor import Level, check_database, check_models, scrub, secrets_of
+from farm.cli.doctor import Level, check_database, check_models, scrub, secrets_of
 from farm.settings import load_settings
 from tests.support.processes import farm_env, run_farm
 from tests.support.s3 import S3Server, free_port

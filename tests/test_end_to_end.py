@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from farm.db import make_engine
-from farm.schema import Dataset, Job
+from farm.store.engine import make_engine
+from farm.store.schema import Dataset, Job
 from tests.support.processes import Worker, farm_env, run_farm, wait_until
 from tests.support.s3 import S3Server, free_port
 

@@ -23,12 +23,12 @@ from PIL import Image
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
-from farm.db import open_store
 from farm.errors import StorageError, UnknownDataset
-from farm.export import FIELDS, MANIFEST, export_dataset, presigned_url
-from farm.schema import Dataset, Job, JobStatus, utcnow
+from farm.outputs.export import FIELDS, MANIFEST, export_dataset, presigned_url
 from farm.settings import Settings, load_settings
 from farm.storage import LocalStorage, S3Storage, Storage, object_key, open_storage
+from farm.store.engine import open_store
+from farm.store.schema import Dataset, Job, JobStatus, utcnow
 from tests.support.s3 import S3Server
 
 WIDTH, HEIGHT = 64, 48

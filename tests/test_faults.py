@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from farm.broker import make_celery
-from farm.db import make_engine, open_store
-from farm.schema import Dataset, Job
+from farm.dispatch.broker import make_celery
 from farm.settings import load_settings
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import make_engine, open_store
+from farm.store.schema import Dataset, Job
+from farm.submit.plan import SubmitOptions, plan_submission, record
 from tests.support.processes import Worker, farm_env, run_farm, wait_until
 from tests.support.proxy import FaultProxy
 from tests.support.s3 import S3Server
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def bench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A FARM_HOME holding bench-small: ≈ 0.3 s a render here, slow enough to be caught mid-batch."""
-    from models.bench import make_bench_small
+    from models.bench_small import make_bench_small
 
     home = tmp_path_factory.mktemp("faults-home")
     make_bench_small(home / "models" / "bench-small")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from farm.db import ensure_schema, make_engine
 from farm.errors import ConfigError
-from farm.fleet import Heartbeat, beat, list_workers, load_pool, mark_stopped
-from farm.schema import Worker, utcnow
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.fleet import Heartbeat, beat, list_workers, load_pool, mark_stopped
+from farm.store.schema import Worker, utcnow
 from tests.support.processes import Worker as WorkerProcess
 from tests.support.processes import farm_env, run_farm, wait_until
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from farm.errors import InvalidSubmission
-from farm.inputs import IN_MEMORY, read_rows, rows_from_records
+from farm.submit.inputs import IN_MEMORY, read_rows, rows_from_records
 
 
 def _write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
@@ -241,7 +241,7 @@ def test_parquet_error_names_the_row(tmp_path: Path) -> None:
 
 
 def test_parquet_bad_value_names_the_row_through_submit(tmp_path: Path) -> None:
-    from farm.submit import SubmitOptions, plan_submission
+    from farm.submit.plan import SubmitOptions, plan_submission
 
     path = _parquet(tmp_path, {"prompt": ["a", "b", "c", "d"], "width": [256, None, 256, 1001]})
     with pytest.raises(InvalidSubmission) as info:
@@ -252,7 +252,7 @@ def test_parquet_bad_value_names_the_row_through_submit(tmp_path: Path) -> None:
 
 
 def test_parquet_null_prompt_is_a_missing_prompt(tmp_path: Path) -> None:
-    from farm.submit import SubmitOptions, plan_submission
+    from farm.submit.plan import SubmitOptions, plan_submission
 
     path = _parquet(tmp_path, {"prompt": ["a", None], "seed": [1, 2]})
     with pytest.raises(InvalidSubmission) as info:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from farm.submit import SubmitOptions, plan_submission
+from farm.submit.plan import SubmitOptions, plan_submission
 
 
 def _ppm(path: Path, shade: int) -> Path:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from farm import states
-from farm.db import ensure_schema, make_engine
-from farm.schema import Dataset, Job, utcnow
-from workers.leases import LeaseKeeper
+from farm.store import transitions
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.schema import Dataset, Job, utcnow
+from workers.heartbeat import LeaseKeeper
 
 
 def test_renewal_keeps_a_live_workers_jobs_from_the_reaper(tmp_path: Path) -> None:
@@ -40,15 +40,15 @@ def test_renewal_keeps_a_live_workers_jobs_from_the_reaper(tmp_path: Path) -> No
                 for n, i in enumerate(ids)
             ],
         )
-        states.claim(conn, ids[:2], worker="alive", lease_s=30, max_attempts=3)
-        states.claim(conn, ids[2:], worker="dead", lease_s=30, max_attempts=3)
+        transitions.claim(conn, ids[:2], worker="alive", lease_s=30, max_attempts=3)
+        transitions.claim(conn, ids[2:], worker="dead", lease_s=30, max_attempts=3)
         # Time passes: every lease is about to run out.
         conn.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
     keeper = LeaseKeeper(engine, worker="alive", lease_s=30)
     assert keeper.renew() == 2
     with engine.begin() as conn:
-        reaped = states.reap_expired(conn, max_attempts=3)
+        reaped = transitions.reap_expired(conn, max_attempts=3)
         leases = dict(conn.execute(select(Job.id, Job.lease_expires_at).where(Job.id.in_(ids[:2]))).all())
     assert (reaped.requeued, reaped.failed) == ([ids[2]], [])
     assert all(expires > utcnow() + timedelta(seconds=20) for expires in leases.values())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from farm.broker import celery_config
+from farm.dispatch.broker import celery_config
 from farm.settings import load_settings
 from tests.support.processes import Worker, farm_env, run_farm, wait_until
 from tests.support.s3 import free_port

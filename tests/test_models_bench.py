@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from diffusers import PixArtAlphaPipeline
 
-from models import bench
-from models.bench import BENCH_SMALL_NATIVE_SIZE, describe_pipeline, make_bench_small
+from models import bench_small
+from models.bench_small import BENCH_SMALL_NATIVE_SIZE, describe_pipeline, make_bench_small
 from models.pipeline import RenderRequest, load_pipeline, render, uses_resolution_binning
 from models.scheduler import is_pixart_lcm_scheduler
 from models.tiny import TINY_MODEL_MAX_LENGTH
@@ -50,24 +50,24 @@ def test_config_sizes_match_the_module(bench_small_dir: Path) -> None:
     """The saved configs carry the sizes models.bench declares."""
     transformer = _config(bench_small_dir, "transformer")
     assert transformer["_class_name"] == "PixArtTransformer2DModel"
-    assert transformer["sample_size"] == bench.BENCH_SMALL_LATENT_SIZE
-    assert transformer["num_layers"] == bench.BENCH_SMALL_LAYERS
-    assert transformer["num_attention_heads"] == bench.BENCH_SMALL_HEADS
-    assert transformer["attention_head_dim"] == bench.BENCH_SMALL_HEAD_DIM
-    assert transformer["caption_channels"] == bench.BENCH_SMALL_T5_D_MODEL
+    assert transformer["sample_size"] == bench_small.BENCH_SMALL_LATENT_SIZE
+    assert transformer["num_layers"] == bench_small.BENCH_SMALL_LAYERS
+    assert transformer["num_attention_heads"] == bench_small.BENCH_SMALL_HEADS
+    assert transformer["attention_head_dim"] == bench_small.BENCH_SMALL_HEAD_DIM
+    assert transformer["caption_channels"] == bench_small.BENCH_SMALL_T5_D_MODEL
     assert transformer["in_channels"] == 4
     assert transformer["out_channels"] == 8
     assert transformer["norm_type"] == "ada_norm_single"
 
     text_encoder = _config(bench_small_dir, "text_encoder")
-    assert text_encoder["d_model"] == bench.BENCH_SMALL_T5_D_MODEL
-    assert text_encoder["num_layers"] == bench.BENCH_SMALL_T5_LAYERS
+    assert text_encoder["d_model"] == bench_small.BENCH_SMALL_T5_D_MODEL
+    assert text_encoder["num_layers"] == bench_small.BENCH_SMALL_T5_LAYERS
     assert text_encoder["feed_forward_proj"] == "gated-gelu"
 
     vae = _config(bench_small_dir, "vae")
-    assert tuple(vae["block_out_channels"]) == bench.BENCH_SMALL_VAE_CHANNELS
-    assert vae["layers_per_block"] == bench.BENCH_SMALL_VAE_LAYERS_PER_BLOCK
-    assert vae["scaling_factor"] == pytest.approx(bench.BENCH_SMALL_VAE_SCALING_FACTOR)
+    assert tuple(vae["block_out_channels"]) == bench_small.BENCH_SMALL_VAE_CHANNELS
+    assert vae["layers_per_block"] == bench_small.BENCH_SMALL_VAE_LAYERS_PER_BLOCK
+    assert vae["scaling_factor"] == pytest.approx(bench_small.BENCH_SMALL_VAE_SCALING_FACTOR)
 
     # Native size: latent side × the VAE's 2^(levels - 1) = 8 downsampling.
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
@@ -78,7 +78,7 @@ def test_loaded_pipeline_is_binned_with_the_lcm_scheduler(bench_small_pipe: PixA
     """Loaded through load_pipeline: PixArt LCM scheduler, 256 px bins active, prompts padded to 120 tokens."""
     assert is_pixart_lcm_scheduler(bench_small_pipe.scheduler)
     assert uses_resolution_binning(bench_small_pipe)
-    assert bench_small_pipe.vae_scale_factor * bench.BENCH_SMALL_LATENT_SIZE == BENCH_SMALL_NATIVE_SIZE
+    assert bench_small_pipe.vae_scale_factor * bench_small.BENCH_SMALL_LATENT_SIZE == BENCH_SMALL_NATIVE_SIZE
     assert bench_small_pipe.tokenizer.model_max_length == TINY_MODEL_MAX_LENGTH
     assert bench_small_pipe.text_encoder.config.vocab_size == len(bench_small_pipe.tokenizer)
 

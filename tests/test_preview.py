@@ -12,15 +12,15 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from farm import states
 from farm.cli import main
-from farm.db import open_store
 from farm.errors import FarmError
-from farm.preview import CAPTION_PX, PAD_PX, make_preview, sheet_size
-from farm.schema import Job
+from farm.outputs.preview import CAPTION_PX, PAD_PX, make_preview, sheet_size
 from farm.settings import Settings, load_settings
 from farm.storage import Storage, object_key, open_storage
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store import transitions
+from farm.store.engine import open_store
+from farm.store.schema import Job
+from farm.submit.plan import SubmitOptions, plan_submission, record
 
 PROMPTS = [
     "a red cube on a table",
@@ -46,13 +46,13 @@ def _finished_dataset(tmp_path: Path, settings: Settings, storage: Storage, name
     recorded = record(engine, plan_submission(prompts, SubmitOptions(dataset=name, width=128, height=96)))
     with engine.begin() as conn:
         ids = _job_ids(engine, recorded.dataset_id)
-        claimed = states.claim(conn, ids, worker="test:1", lease_s=600, max_attempts=3)
+        claimed = transitions.claim(conn, ids, worker="test:1", lease_s=600, max_attempts=3)
         done = []
         for shade, job in enumerate(claimed):
             data = _render_fake(job.width, job.height, shade * 40)
             stored = storage.put(object_key(storage.prefix, name, job.id), data)
             done.append((job.id, stored, 5))
-        states.mark_succeeded_many(conn, done, worker="test:1")
+        transitions.mark_succeeded_many(conn, done, worker="test:1")
     return engine
 
 

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from farm.db import make_engine
-from farm.routing import Needs, PoolSpec, Router
-from farm.schema import Dataset, Job
-from farm.schema import Worker as WorkerRow
+from farm.dispatch.routing import Needs, PoolSpec, Router
+from farm.store.engine import make_engine
+from farm.store.schema import Dataset, Job
+from farm.store.schema import Worker as WorkerRow
 from tests.support.processes import Worker, farm_env, run_farm, wait_until
 
 INT8 = PoolSpec("int8", "render.int8", models=("tiny",), controlnets=(), quantize=("int8",))

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from farm import states
-from farm.db import ensure_schema, make_engine
-from farm.schema import Dataset, Job, JobStatus, utcnow
 from farm.storage import StoredObject
+from farm.store import transitions
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.schema import Dataset, Job, JobStatus, utcnow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -63,9 +63,9 @@ def _status(engine: Engine, job_id: str) -> tuple[str, int, str | None]:
     return row.status, row.attempts, row.error
 
 
-def _claim(engine: Engine, ids: list[str], worker: str = "w1", max_attempts: int = 3) -> list[states.Claimed]:
+def _claim(engine: Engine, ids: list[str], worker: str = "w1", max_attempts: int = 3) -> list[transitions.Claimed]:
     with engine.begin() as conn:
-        return states.claim(conn, ids, worker=worker, lease_s=60, max_attempts=max_attempts)
+        return transitions.claim(conn, ids, worker=worker, lease_s=60, max_attempts=max_attempts)
 
 
 STORED = StoredObject(uri="file:///x.png", key="x.png", sha256="ab" * 32, bytes=10)
@@ -82,8 +82,8 @@ def test_claim_is_exclusive_so_a_duplicate_delivery_renders_nothing(engine: Engi
 def test_claim_takes_pending_and_queued_but_not_finished_jobs(engine: Engine) -> None:
     ids = _jobs(engine, 3)
     with engine.begin() as conn:
-        assert states.mark_queued(conn, ids[:1]) == 1
-        assert states.cancel(conn, job_ids=ids[2:]) == 1
+        assert transitions.mark_queued(conn, ids[:1]) == 1
+        assert transitions.cancel(conn, job_ids=ids[2:]) == 1
     claimed = _claim(engine, ids)
     assert [c.id for c in claimed] == ids[:2]
     assert _status(engine, ids[2])[0] == "canceled"
@@ -93,7 +93,7 @@ def test_mark_queued_never_moves_a_running_job_back(engine: Engine) -> None:
     ids = _jobs(engine, 1)
     _claim(engine, ids)
     with engine.begin() as conn:
-        assert states.mark_queued(conn, ids) == 0
+        assert transitions.mark_queued(conn, ids) == 0
     assert _status(engine, ids[0])[0] == "running"
 
 
@@ -101,9 +101,9 @@ def test_only_the_holding_worker_can_mark_succeeded_and_only_once(engine: Engine
     ids = _jobs(engine, 1)
     _claim(engine, ids, "w1")
     with engine.begin() as conn:
-        assert not states.mark_succeeded(conn, ids[0], worker="w2", stored=STORED, render_ms=5)
-        assert states.mark_succeeded(conn, ids[0], worker="w1", stored=STORED, render_ms=5)
-        assert not states.mark_succeeded(conn, ids[0], worker="w1", stored=STORED, render_ms=5)
+        assert not transitions.mark_succeeded(conn, ids[0], worker="w2", stored=STORED, render_ms=5)
+        assert transitions.mark_succeeded(conn, ids[0], worker="w1", stored=STORED, render_ms=5)
+        assert not transitions.mark_succeeded(conn, ids[0], worker="w1", stored=STORED, render_ms=5)
     with engine.connect() as conn:
         row = conn.execute(select(Job.__table__).where(Job.id == ids[0])).one()
     assert (row.status, row.sha256, row.bytes, row.output_uri) == ("succeeded", STORED.sha256, 10, STORED.uri)
@@ -116,11 +116,11 @@ def test_failed_attempts_requeue_then_fail_with_the_error_kept(engine: Engine) -
     for attempt in (1, 2):
         assert [c.attempts for c in _claim(engine, ids, max_attempts=3)] == [attempt]
         with engine.begin() as conn:
-            state = states.mark_attempt_failed(conn, ids[0], worker="w1", error="boom", max_attempts=3)
+            state = transitions.mark_attempt_failed(conn, ids[0], worker="w1", error="boom", max_attempts=3)
         assert state is JobStatus.QUEUED
     _claim(engine, ids, max_attempts=3)
     with engine.begin() as conn:
-        assert states.mark_attempt_failed(conn, ids[0], worker="w1", error="boom 3", max_attempts=3) is (
+        assert transitions.mark_attempt_failed(conn, ids[0], worker="w1", error="boom 3", max_attempts=3) is (
             JobStatus.FAILED
         )
     assert _status(engine, ids[0]) == ("failed", 3, "attempt 1: boom\nattempt 2: boom\nattempt 3: boom 3")
@@ -131,9 +131,9 @@ def test_a_canceled_job_is_not_marked_by_its_late_worker(engine: Engine) -> None
     ids = _jobs(engine, 2)
     _claim(engine, ids, "w1")
     with engine.begin() as conn:
-        assert states.cancel(conn, job_ids=ids) == 2
-        assert not states.mark_succeeded(conn, ids[0], worker="w1", stored=STORED, render_ms=1)
-        assert states.mark_attempt_failed(conn, ids[1], worker="w1", error="x", max_attempts=3) is None
+        assert transitions.cancel(conn, job_ids=ids) == 2
+        assert not transitions.mark_succeeded(conn, ids[0], worker="w1", stored=STORED, render_ms=1)
+        assert transitions.mark_attempt_failed(conn, ids[1], worker="w1", error="x", max_attempts=3) is None
     assert [_status(engine, i)[0] for i in ids] == ["canceled", "canceled"]
 
 
@@ -146,16 +146,16 @@ def test_expired_lease_lets_another_worker_claim(engine: Engine) -> None:
     claimed = _claim(engine, ids, "w2")
     assert [c.attempts for c in claimed] == [2]
     with engine.begin() as conn:  # the dead worker, if it comes back, can no longer finish it
-        assert not states.mark_succeeded(conn, ids[0], worker="dead-worker", stored=STORED, render_ms=1)
+        assert not transitions.mark_succeeded(conn, ids[0], worker="dead-worker", stored=STORED, render_ms=1)
 
 
 def test_mark_pending_returns_queued_jobs_for_redispatch(engine: Engine) -> None:
     ids = _jobs(engine, 2)
     with engine.begin() as conn:
-        states.mark_queued(conn, ids)
+        transitions.mark_queued(conn, ids)
     _claim(engine, ids[1:])
     with engine.begin() as conn:
-        assert states.mark_pending(conn, ids) == 1
+        assert transitions.mark_pending(conn, ids) == 1
     assert [_status(engine, i)[0] for i in ids] == ["pending", "running"]
 
 
@@ -165,17 +165,17 @@ def test_reaper_requeues_expired_leases_and_fails_the_last_attempt(engine: Engin
     with engine.begin() as conn:  # the third job is on its last attempt
         conn.execute(update(Job).where(Job.id == ids[2]).values(attempts=2))
         conn.execute(update(Job).where(Job.id.in_(ids[1:])).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-        reaped = states.reap_expired(conn, max_attempts=2)
+        reaped = transitions.reap_expired(conn, max_attempts=2)
     assert (reaped.requeued, reaped.failed) == ([ids[1]], [ids[2]])
     assert _status(engine, ids[0])[0] == "running"  # its lease is still valid
     assert _status(engine, ids[1]) == ("pending", 1, "attempt 1: lease expired (worker dead-worker stopped)")
     assert _status(engine, ids[2]) == ("failed", 2, "attempt 2: lease expired (worker dead-worker stopped)")
     with engine.begin() as conn:
-        assert states.reap_expired(conn, max_attempts=2) == states.Reaped([], [])
+        assert transitions.reap_expired(conn, max_attempts=2) == transitions.Reaped([], [])
 
 
 def test_the_error_history_keeps_the_newest_attempts_within_its_cap() -> None:
-    from farm.states import _ERROR_MAX_CHARS, _with_attempt
+    from farm.store.transitions import _ERROR_MAX_CHARS, _with_attempt
 
     text = None
     for attempt in range(1, 200):

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import insert, update
 from sqlalchemy.engine import Engine
 
-from farm.db import ensure_schema, make_engine
 from farm.errors import UnknownDataset
-from farm.schema import Dataset, Job, JobStatus, utcnow
-from farm.status import RATE_WINDOW_S, all_statuses, dataset_id, dataset_status, list_jobs
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.queries import RATE_WINDOW_S, all_statuses, dataset_id, dataset_status, list_jobs
+from farm.store.schema import Dataset, Job, JobStatus, utcnow
 
 # pending 3, queued 2, running 1, succeeded 5 (4 of them recent), failed 1, canceled 1
 LAYOUT = (

@@ -11,13 +11,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from farm.db import ensure_schema, make_engine
 from farm.errors import InvalidSubmission
-from farm.inputs import rows_from_records
-from farm.schema import Dataset, Job, JobStatus
 from farm.settings import Settings, load_settings
-from farm.submission import submit_file, summary_lines
-from farm.submit import (
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.schema import Dataset, Job, JobStatus
+from farm.submit.inputs import rows_from_records
+from farm.submit.plan import (
     MAX_SEED,
     JobSpec,
     SubmitOptions,
@@ -27,6 +26,7 @@ from farm.submit import (
     record,
     validate_dataset_name,
 )
+from farm.submit.run import submit_file, summary_lines
 
 
 @pytest.fixture()

@@ -16,12 +16,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from farm.cli import main
-from farm.conditions import condition_key
-from farm.db import ensure_schema, make_engine
 from farm.errors import InvalidSubmission, StorageError
-from farm.schema import Dataset, Job
 from farm.storage import LocalStorage, StoredObject, open_storage
-from farm.submit import JobSpec, SubmitOptions, plan_submission, record, store_conditions
+from farm.store.engine import ensure_schema, make_engine
+from farm.store.schema import Dataset, Job
+from farm.submit.conditions import condition_key
+from farm.submit.plan import JobSpec, SubmitOptions, plan_submission, record, store_conditions
 from tests.support.s3 import S3Server
 
 CONTROLNET = "tiny-controlnet"

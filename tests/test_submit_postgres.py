@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from farm.db import make_engine
-from farm.schema import Dataset, Job
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import make_engine
+from farm.store.schema import Dataset, Job
+from farm.submit.plan import SubmitOptions, plan_submission, record
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from farm.status import DatasetStatus
-from farm.watch import watch_datasets
+from farm.cli.watch import watch_datasets
+from farm.store.queries import DatasetStatus
 
 
 def _status(name: str, done: int, total: int) -> DatasetStatus:
@@ -41,10 +41,10 @@ def test_pool_bars_show_each_pools_share(tmp_path) -> None:  # type: ignore[no-u
     """pool_progress counts, per pool, the watched datasets' images its workers finished and hold."""
     import uuid
 
-    from farm.db import ensure_schema, make_engine
-    from farm.fleet import Heartbeat, beat
-    from farm.schema import Dataset, Job, utcnow
-    from farm.status import pool_progress
+    from farm.store.engine import ensure_schema, make_engine
+    from farm.store.fleet import Heartbeat, beat
+    from farm.store.queries import pool_progress
+    from farm.store.schema import Dataset, Job, utcnow
 
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     ensure_schema(engine, auto_upgrade=True)

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from farm.broker import make_celery
-from farm.db import open_store
-from farm.schema import Job
+from farm.dispatch.broker import make_celery
 from farm.settings import Settings, load_settings
 from farm.storage import open_storage
-from farm.submit import SubmitOptions, plan_submission, record, store_conditions
+from farm.store.engine import open_store
+from farm.store.schema import Job
+from farm.submit.plan import SubmitOptions, plan_submission, record, store_conditions
 from models.controlnet import make_tiny_controlnet
 from models.pipeline import RenderRequest, render_batch
 from models.tiny import make_tiny

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from farm.broker import make_celery
-from farm.db import open_store
-from farm.schema import Job
+from farm.dispatch.broker import make_celery
 from farm.settings import load_settings
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import open_store
+from farm.store.schema import Job
+from farm.submit.plan import SubmitOptions, plan_submission, record
 from tests.support.proxy import SlowProxy
 from tests.support.s3 import S3Server
 from workers.runtime import WorkerRuntime

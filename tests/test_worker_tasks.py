@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from farm.broker import make_celery
-from farm.db import make_engine, open_store
-from farm.schema import Dataset, Job
+from farm.dispatch.broker import make_celery
 from farm.settings import load_settings
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import make_engine, open_store
+from farm.store.schema import Dataset, Job
+from farm.submit.plan import SubmitOptions, plan_submission, record
 from tests.support.processes import Worker, farm_env, run_farm, wait_until
 from workers.runtime import WorkerRuntime
 from workers.tasks import render_jobs

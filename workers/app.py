@@ -9,7 +9,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
-from farm.broker import REAP_TASK, RENDER_TASK, make_celery
+from farm.dispatch.broker import REAP_TASK, RENDER_TASK, make_celery
 from farm.settings import Settings
 from workers.metrics import METRICS, start_metrics_server
 from workers.runtime import WorkerRuntime
@@ -82,8 +82,8 @@ def create_app(
 
     @app.task(name=REAP_TASK, ignore_result=True)
     def reap() -> dict[str, int]:
-        from farm.db import make_engine
-        from farm.dispatch import reap_and_dispatch
+        from farm.dispatch.publish import reap_and_dispatch
+        from farm.store.engine import make_engine
 
         engine = runtime[0].engine if runtime else make_engine(settings.database_url)
         reaped, sent = reap_and_dispatch(engine, app, settings)

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from farm.schema import Job, utcnow
+from farm.store.schema import Job, utcnow
 
 log = logging.getLogger("farm.worker")
 

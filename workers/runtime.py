@@ -13,13 +13,13 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from farm import fleet
-from farm.db import make_engine
-from farm.schema import Dataset, utcnow
 from farm.settings import Settings
 from farm.storage import Storage, storage_for
-from workers.leases import LeaseKeeper
-from workers.pipelines import PipelineCache, RenderCaches
+from farm.store import fleet
+from farm.store.engine import make_engine
+from farm.store.schema import Dataset, utcnow
+from workers.caches import PipelineCache, RenderCaches
+from workers.heartbeat import LeaseKeeper
 from workers.uploads import Uploader
 
 log = logging.getLogger("farm.worker")

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm import states
 from farm.storage import StoredObject
+from farm.store import transitions
 from workers.metrics import METRICS
-from workers.results import record_batch
+from workers.recording import record_batch
 from workers.runtime import WorkerRuntime
 from workers.uploads import Rendered
 
@@ -42,7 +42,7 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
     """
     # 1. Claim with one guarded UPDATE: a duplicate delivery finds nothing left to claim.
     with rt.engine.begin() as conn:
-        claimed = states.claim(
+        claimed = transitions.claim(
             conn, job_ids, worker=rt.name, lease_s=rt.settings.lease_s, max_attempts=rt.settings.max_attempts
         )
         METRICS.observe_queue_wait(conn, [job.id for job in claimed])
@@ -67,15 +67,15 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
 
 def _uploaded(
     rt: WorkerRuntime,
-    done: list[tuple[states.Claimed, StoredObject, int]],
-    failed: list[tuple[states.Claimed, BaseException]],
+    done: list[tuple[transitions.Claimed, StoredObject, int]],
+    failed: list[tuple[transitions.Claimed, BaseException]],
 ) -> None:
     METRICS.count_errors("upload", len(failed))
     record_batch(rt, done, failed)
 
 
-def _batches(jobs: list[states.Claimed], size: int) -> Iterator[list[states.Claimed]]:
-    groups: dict[tuple[object, ...], list[states.Claimed]] = {}
+def _batches(jobs: list[transitions.Claimed], size: int) -> Iterator[list[transitions.Claimed]]:
+    groups: dict[tuple[object, ...], list[transitions.Claimed]] = {}
     for job in jobs:
         groups.setdefault(job.render_group, []).append(job)
     for group in groups.values():
@@ -84,8 +84,8 @@ def _batches(jobs: list[states.Claimed], size: int) -> Iterator[list[states.Clai
 
 
 def _render(
-    rt: WorkerRuntime, batch: list[states.Claimed]
-) -> tuple[list[Rendered], list[tuple[states.Claimed, BaseException]]]:
+    rt: WorkerRuntime, batch: list[transitions.Claimed]
+) -> tuple[list[Rendered], list[tuple[transitions.Claimed, BaseException]]]:
     """One pipeline call for the batch; if it fails, each job alone, so one bad job fails only itself."""
     from models.pipeline import RenderRequest, render_batch
 
@@ -133,7 +133,7 @@ def _render(
             return [], [(batch[0], exc)]
         log.warning("batch of %d failed (%s); rendering its jobs one by one", len(batch), exc.__class__.__name__)
         rendered: list[Rendered] = []
-        failures: list[tuple[states.Claimed, BaseException]] = []
+        failures: list[tuple[transitions.Claimed, BaseException]] = []
         for job in batch:
             ok, bad = _render(rt, [job])
             rendered += ok

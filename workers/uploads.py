@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.states import Claimed
 from farm.storage import Storage, StoredObject, object_key
-from workers.images import encode_png
+from farm.store.transitions import Claimed
+from workers.png import encode_png
 
 log = logging.getLogger("farm.worker")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli_common import errors, settings_of
+from farm.cli.common import errors, settings_of
 
 
 @click.command()
@@ -29,9 +29,9 @@ from farm.cli_common import errors, settings_of
 @click.pass_context
 def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, columns: int, thumb: int) -> None:
     """Write a contact sheet PNG and an HTML gallery of a dataset's finished images."""
-    from farm.db import open_store
-    from farm.preview import make_preview
+    from farm.outputs.preview import make_preview
     from farm.storage import storage_for
+    from farm.store.engine import open_store
 
     settings = settings_of(ctx)
     with errors():
@@ -50,7 +50,7 @@ def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, colu
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
     """Check the database, broker, storage, models and CUDA; exit 1 if any check fails. Prints no secret."""
-    from farm.doctor import Level, run_checks, scrub, secrets_of
+    from farm.cli.doctor import Level, run_checks, scrub, secrets_of
 
     settings = settings_of(ctx)
     hidden = secrets_of(settings)

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from farm.errors import InvalidSubmission
-from farm.inputs import Row
+from farm.submit.inputs import Row
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli_common import errors, settings_of
+from farm.cli.common import errors, settings_of
 from farm.settings import redact
 
 
@@ -20,7 +20,7 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Apply migrations to the configured database (production runs this once per release)."""
-    from farm.db import current_revision, make_engine, upgrade
+    from farm.store.engine import current_revision, make_engine, upgrade
 
     settings = settings_of(ctx)
     with errors():
@@ -161,7 +161,7 @@ def bench(
         return
     settings = settings_of(ctx)
     with errors():
-        from workers.bench import run_bench, summary
+        from benchmarks.render import run_bench, summary
 
         result = run_bench(
             settings,
@@ -217,7 +217,7 @@ def bench_submit_command(
     """Submit + dispatch time for many prompts, and `farm status` latency on a big dataset, on this store."""
     import tempfile
 
-    from farm.bench_submit import bench_submit
+    from benchmarks.submit import bench_submit
 
     settings = settings_of(ctx)
     with errors(), tempfile.TemporaryDirectory(prefix="farm-bench-") as workdir:

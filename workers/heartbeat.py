@@ -12,7 +12,7 @@ from collections.abc import Callable
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from farm import fleet, states
+from farm.store import fleet, transitions
 
 log = logging.getLogger("farm.worker")
 
@@ -45,7 +45,7 @@ class LeaseKeeper:
     def renew(self) -> int:
         """Extend every lease this worker holds now and refresh its heartbeat; returns the leases renewed."""
         with self.engine.begin() as conn:
-            renewed = states.extend_leases(conn, worker=self.worker, lease_s=self.lease_s)
+            renewed = transitions.extend_leases(conn, worker=self.worker, lease_s=self.lease_s)
             if self.describe is not None:
                 fleet.beat(conn, self.describe(renewed))
         self.renewals += 1

@@ -16,8 +16,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from farm.errors import ConfigError
-from farm.schema import Worker, utcnow
 from farm.settings import _config_path
+from farm.store.schema import Worker, utcnow
 
 # A worker beats every lease_s / 3; three missed beats make it stale.
 STALE_AFTER_BEATS = 3

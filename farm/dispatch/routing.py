@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from farm.fleet import list_workers, load_pools
 from farm.settings import Settings
+from farm.store.fleet import list_workers, load_pools
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError as SQLOperationalError
 
-from farm import states
-from farm.broker import RENDER_TASK
-from farm.schema import JobStatus
+from farm.dispatch.broker import RENDER_TASK
 from farm.storage import StoredObject
+from farm.store import transitions
+from farm.store.schema import JobStatus
 
 if TYPE_CHECKING:
     from workers.runtime import WorkerRuntime
@@ -24,8 +24,8 @@ _DB_TRIES = 5
 
 def record_batch(
     rt: WorkerRuntime,
-    done: Sequence[tuple[states.Claimed, StoredObject, int]],
-    failed: Sequence[tuple[states.Claimed, BaseException]],
+    done: Sequence[tuple[transitions.Claimed, StoredObject, int]],
+    failed: Sequence[tuple[transitions.Claimed, BaseException]],
 ) -> None:
     """Mark a batch's confirmed uploads succeeded and its failures retried or failed, in one transaction.
 
@@ -35,14 +35,14 @@ def record_batch(
     for attempt in range(1, _DB_TRIES + 1):
         try:
             with rt.engine.begin() as conn:
-                marked = states.mark_succeeded_many(
+                marked = transitions.mark_succeeded_many(
                     conn, [(job.id, stored, ms) for job, stored, ms in done], worker=rt.name
                 )
                 outcomes = [
                     (
                         job,
                         exc,
-                        states.mark_attempt_failed(
+                        transitions.mark_attempt_failed(
                             conn, job.id, worker=rt.name, error=_describe(exc), max_attempts=rt.settings.max_attempts
                         ),
                     )
@@ -78,7 +78,7 @@ def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
-def _after_failure(rt: WorkerRuntime, job: states.Claimed, exc: BaseException, state: JobStatus | None) -> None:
+def _after_failure(rt: WorkerRuntime, job: transitions.Claimed, exc: BaseException, state: JobStatus | None) -> None:
     settings = rt.settings
     if state is None:
         rt.stats.lost += 1
@@ -95,5 +95,5 @@ def _after_failure(rt: WorkerRuntime, job: states.Claimed, exc: BaseException, s
     except (KombuOperationalError, OSError):
         # The broker is away: back to pending, so `farm dispatch` (or `farm reap`) sends it again.
         with rt.engine.begin() as conn:
-            states.mark_pending(conn, [job.id])
+            transitions.mark_pending(conn, [job.id])
         log.error("job %s could not be re-queued (broker unreachable); left pending for `farm dispatch`", job.id)

@@ -17,8 +17,8 @@ from urllib.parse import unquote, urlsplit
 
 from farm.profiles import controlnet_source, model_source
 from farm.settings import Settings
-from farm.states import Claimed
 from farm.storage import Storage
+from farm.store.transitions import Claimed
 
 log = logging.getLogger("farm.worker")
 

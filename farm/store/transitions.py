@@ -10,8 +10,8 @@ from datetime import timedelta
 from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from farm.schema import UNFINISHED, Dataset, Job, JobStatus, utcnow
 from farm.storage import StoredObject
+from farm.store.schema import UNFINISHED, Dataset, Job, JobStatus, utcnow
 
 # SQLite allows 32766 bound parameters; stay far below for IN lists.
 _CHUNK = 5000

@@ -91,7 +91,7 @@ def check_database(settings: Settings) -> Check:
     from sqlalchemy.exc import SQLAlchemyError
 
     import migrations
-    from farm.db import current_revision, head_revision, make_engine
+    from farm.store.engine import current_revision, head_revision, make_engine
 
     where = redact(settings.database_url)
     extra = {} if settings.embedded else {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
@@ -134,7 +134,7 @@ def check_database(settings: Settings) -> Check:
 
 def check_broker(settings: Settings) -> Check:
     """Open one connection to the broker, with a single quick retry."""
-    from farm.broker import make_celery
+    from farm.dispatch.broker import make_celery
 
     where = redact(settings.broker_url)
     app = make_celery(settings)

@@ -1,8 +1,8 @@
 """GPU benchmark: the full PixArt-δ 1024 architecture with random weights, fp16 and the 8-bit-T5 low-memory recipe.
 
-    python benchmarks/gpu_bench.py --out results.json            # on a CUDA machine, a few minutes
-    python benchmarks/gpu_bench.py --quick --out results.json    # fewer repetitions
-    python benchmarks/gpu_bench.py --dry-run-cpu                 # same code path, tiny widths, on the CPU
+    python benchmarks/gpu.py --out results.json            # on a CUDA machine, a few minutes
+    python benchmarks/gpu.py --quick --out results.json    # fewer repetitions
+    python benchmarks/gpu.py --dry-run-cpu                 # same code path, tiny widths, on the CPU
 
 Nothing is downloaded. The models are built from their configurations with random weights directly on the GPU in
 fp16 (PixArt-XL-2 at 1024: 28 blocks, 16 heads × 72; the T5-XXL encoder; Stable Diffusion's VAE), the
@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-# Run as `python benchmarks/gpu_bench.py` from anywhere: the repository root holds the `models` package.
+# Run as `python benchmarks/gpu.py` from anywhere: the repository root holds the `models` package.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec_dict = {**asdict(spec), "size": spec.size}
     report: dict[str, Any] = {
-        "benchmark": "benchmarks/gpu_bench.py",
+        "benchmark": "benchmarks/gpu.py",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "mode": "dry-run-cpu" if args.dry_run_cpu else ("quick" if args.quick else "full"),
         "device": device,

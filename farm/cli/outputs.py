@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from farm.cli_common import errors, settings_of
-from farm.export import FORMATS
+from farm.cli.common import errors, settings_of
+from farm.outputs.export import FORMATS
 from farm.storage import storage_for
 
 __all__ = ["export", "url"]
@@ -38,8 +38,8 @@ __all__ = ["export", "url"]
 @click.pass_context
 def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int) -> None:
     """Export the finished images of DATASET, one row per image, in a format training code reads."""
-    from farm.db import open_store
-    from farm.export import describe_files, export_dataset
+    from farm.outputs.export import describe_files, export_dataset
+    from farm.store.engine import open_store
 
     settings = settings_of(ctx)
     with errors():
@@ -77,8 +77,8 @@ def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int)
 @click.pass_context
 def url(ctx: click.Context, job: str, expires_s: int) -> None:
     """Print a presigned URL for JOB's image (the file:// URI for local storage)."""
-    from farm.db import open_store
-    from farm.export import NoSuchJob, job_output_uri, presigned_url
+    from farm.outputs.export import NoSuchJob, job_output_uri, presigned_url
+    from farm.store.engine import open_store
 
     settings = settings_of(ctx)
     with errors():

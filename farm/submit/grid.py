@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm.errors import InvalidSubmission
-from farm.fields import FieldProblem, check_value
+from farm.submit.fields import FieldProblem, check_value
 
 # Axis → the job fields one of its values sets.
 AXES: dict[str, tuple[str, ...]] = {

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from farm.status import DatasetStatus, PoolProgress
+from farm.store.queries import DatasetStatus, PoolProgress
 
 
 def watch_datasets(

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from farm import states
 from farm.errors import InvalidSubmission
-from farm.inputs import NEGATIVE_PROMPT_NOTE
 from farm.storage import storage_for
-from farm.submit import Plan, SubmitOptions, plan_submission, record, store_conditions
+from farm.store import transitions
+from farm.submit.inputs import NEGATIVE_PROMPT_NOTE
+from farm.submit.plan import Plan, SubmitOptions, plan_submission, record, store_conditions
 
 if TYPE_CHECKING:
-    from farm.dispatch import Dispatched
+    from farm.dispatch.publish import Dispatched
     from farm.settings import Settings
 
 Echo = Callable[[str], None]
@@ -102,7 +102,7 @@ def submit_plan(
         plan = store_conditions(plan, storage_for(settings))
         say(f"{len(plan.conditions)} condition images stored")
     # 2. One transaction for the dataset and its jobs.
-    from farm.db import open_store
+    from farm.store.engine import open_store
 
     own_engine = engine is None
     store = open_store(settings) if engine is None else engine
@@ -122,7 +122,7 @@ def submit_plan(
         )
         if priority is not None:
             with store.begin() as conn:
-                states.set_priority(conn, recorded.dataset_id, priority)
+                transitions.set_priority(conn, recorded.dataset_id, priority)
         if not dispatch:
             return result
         # 3. Publish the pending jobs (ids only) and mark them queued.
@@ -137,8 +137,8 @@ def dispatch_dataset(
     settings: Settings, engine: Engine, dataset_id: int | None, *, echo: Echo | None = None
 ) -> Dispatched:
     """Publish the pending jobs of one dataset (or all), reporting how many went out."""
-    from farm.broker import make_celery
-    from farm.dispatch import dispatch_pending
+    from farm.dispatch.broker import make_celery
+    from farm.dispatch.publish import dispatch_pending
 
     started = time.perf_counter()
     sent = dispatch_pending(engine, make_celery(settings), settings, dataset_id=dataset_id)

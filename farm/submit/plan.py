@@ -18,9 +18,12 @@ from sqlalchemy import Column, MetaData, Table, insert, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from farm.conditions import ConditionImage, ConditionImages, store_condition
 from farm.errors import InvalidSubmission
-from farm.fields import (  # the limits are re-exported: callers have always found them here
+from farm.profiles import resolve_controlnet, resolve_model
+from farm.storage import Storage
+from farm.store.schema import Dataset, Job, JobStatus, utcnow
+from farm.submit.conditions import ConditionImage, ConditionImages, store_condition
+from farm.submit.fields import (  # the limits are re-exported: callers have always found them here
     CONDITIONING_SCALE_RANGE,
     GUIDANCE_RANGE,
     IMAGES_PER_PROMPT_RANGE,
@@ -33,11 +36,8 @@ from farm.fields import (  # the limits are re-exported: callers have always fou
     check_field,
     field_error,
 )
-from farm.grid import Axis, parse_grid, variations
-from farm.inputs import Row, read_rows
-from farm.profiles import resolve_controlnet, resolve_model
-from farm.schema import Dataset, Job, JobStatus, utcnow
-from farm.storage import Storage
+from farm.submit.grid import Axis, parse_grid, variations
+from farm.submit.inputs import Row, read_rows
 
 if TYPE_CHECKING:
     pass

@@ -13,12 +13,12 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from farm import states
-from farm.broker import RENDER_TASK
+from farm.dispatch.broker import RENDER_TASK
+from farm.dispatch.routing import Needs, Router
 from farm.errors import BrokerUnavailable
-from farm.routing import Needs, Router
-from farm.schema import Dataset, Job, JobStatus
 from farm.settings import Settings, redact
+from farm.store import transitions
+from farm.store.schema import Dataset, Job, JobStatus
 
 log = logging.getLogger(__name__)
 _PAGE = 10_000
@@ -102,11 +102,11 @@ def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str], priorit
     app.amqp.send_task_message(producer, RENDER_TASK, message, queue=queue, retry=False, priority=9 - priority)
 
 
-def reap_and_dispatch(engine: Engine, app: Celery, settings: Settings) -> tuple[states.Reaped, Dispatched]:
+def reap_and_dispatch(engine: Engine, app: Celery, settings: Settings) -> tuple[transitions.Reaped, Dispatched]:
     """The reaper (`farm reap`, and the beat task of `farm worker --beat`): expired leases back to pending,
     or failed after the last attempt, then every pending job published."""
     with engine.begin() as conn:
-        reaped = states.reap_expired(conn, max_attempts=settings.max_attempts)
+        reaped = transitions.reap_expired(conn, max_attempts=settings.max_attempts)
     return reaped, dispatch_pending(engine, app, settings)
 
 
@@ -167,6 +167,6 @@ def _mark(engine: Engine, published: list[str], stranded: dict[str, list[str]]) 
     if not published and not stranded:
         return
     with engine.begin() as conn:
-        states.mark_queued(conn, published)
+        transitions.mark_queued(conn, published)
         for reason, job_ids in stranded.items():
-            states.note_unroutable(conn, job_ids, reason)
+            transitions.note_unroutable(conn, job_ids, reason)

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import click
 
-from farm.cli_common import dispatch_or_warn, errors, exit_broker_down, settings_of
+from farm.cli.common import dispatch_or_warn, errors, exit_broker_down, settings_of
 from farm.errors import BrokerUnavailable
-from farm.schema import JobStatus
 from farm.settings import load_settings, with_overrides
+from farm.store.schema import JobStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,8 +127,8 @@ def submit(
     priority: int | None,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
-    from farm.submission import submit_file
-    from farm.submit import SubmitOptions
+    from farm.submit.plan import SubmitOptions
+    from farm.submit.run import submit_file
 
     settings = settings_of(ctx)
     with errors():
@@ -162,8 +162,8 @@ def submit(
 @click.pass_context
 def dispatch(ctx: click.Context, dataset: str | None) -> None:
     """Publish pending jobs to the broker (after a broker outage, or a --no-dispatch submit)."""
-    from farm.db import open_store
-    from farm.status import dataset_id
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
 
     settings = settings_of(ctx)
     with errors():
@@ -176,8 +176,8 @@ def dispatch(ctx: click.Context, dataset: str | None) -> None:
 @click.pass_context
 def reap(ctx: click.Context) -> None:
     """Return jobs whose worker died (lease expired) to the queue, or fail them after the last attempt."""
-    from farm.db import open_store
-    from farm.states import reap_expired
+    from farm.store.engine import open_store
+    from farm.store.transitions import reap_expired
 
     settings = settings_of(ctx)
     with errors():
@@ -248,7 +248,7 @@ def worker(
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
     with errors():
         if pool:
-            from farm.fleet import load_pool
+            from farm.store.fleet import load_pool
 
             # A pool's values fill in every option not given on the command line.
             given = {
@@ -261,11 +261,11 @@ def worker(
             max_batch, io_threads = merged["max_batch"], merged["io_threads"]
             low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
             if queue is None:  # a pool consumes its own queue, where dispatch routes the jobs it serves
-                from farm.routing import PoolSpec
+                from farm.dispatch.routing import PoolSpec
 
                 queue = PoolSpec.from_options(pool, merged).queue
         settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
-        from farm.db import open_store
+        from farm.store.engine import open_store
 
         open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
         # Imported here, not at the top: farm's own modules never import workers, torch or diffusers.
@@ -296,14 +296,14 @@ def worker(
 @click.pass_context
 def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
     """Counts per state, images/s and ETA, for one dataset or all."""
-    from farm.db import open_store
-    from farm.status import all_statuses, dataset_status, pool_progress
+    from farm.store.engine import open_store
+    from farm.store.queries import all_statuses, dataset_status, pool_progress
 
     settings = settings_of(ctx)
     with errors():
         engine = open_store(settings)
         if watch:
-            from farm.watch import watch_datasets
+            from farm.cli.watch import watch_datasets
 
             # One bar per dataset: the named one, or every dataset unfinished when the watch starts.
             names = [dataset] if dataset else [s.name for s in all_statuses(engine) if not s.done]
@@ -343,8 +343,8 @@ def _print_statuses(statuses: list[Any], as_json: bool) -> None:
 @click.pass_context
 def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_json: bool) -> None:
     """List a dataset's jobs with their state, attempts, output and error."""
-    from farm.db import open_store
-    from farm.status import list_jobs
+    from farm.store.engine import open_store
+    from farm.store.queries import list_jobs
 
     with errors():
         rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, limit=limit)
@@ -372,8 +372,8 @@ def show_config(ctx: click.Context) -> None:
 @click.pass_context
 def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     """The fleet: each worker's pool, device, state (alive or stale), jobs, images/s and what it has loaded."""
-    from farm.db import open_store
-    from farm.fleet import list_workers
+    from farm.store.engine import open_store
+    from farm.store.fleet import list_workers
 
     settings = settings_of(ctx)
     with errors():
@@ -392,10 +392,10 @@ def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 
 
 def _register_tools() -> None:
-    from farm.cli_control import cancel, pause, resume, retry
-    from farm.cli_dataset import export, url
-    from farm.cli_tools import bench, condition, db, models
-    from farm.cli_watch import doctor, preview
+    from farm.cli.control import cancel, pause, resume, retry
+    from farm.cli.inspect import doctor, preview
+    from farm.cli.outputs import export, url
+    from farm.cli.tools import bench, condition, db, models
 
     for command in (db, models, condition, bench, cancel, retry, pause, resume, export, url, preview, doctor):
         main.add_command(command)

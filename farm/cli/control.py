@@ -6,8 +6,8 @@ import re
 
 import click
 
-from farm import states
-from farm.cli_common import dispatch_or_warn, errors, settings_of
+from farm.cli.common import dispatch_or_warn, errors, settings_of
+from farm.store import transitions
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -17,17 +17,17 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 @click.pass_context
 def cancel(ctx: click.Context, target: str) -> None:
     """Cancel every unfinished job of a dataset, or one job by its id."""
-    from farm.db import open_store
-    from farm.status import dataset_id
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
 
     with errors():
         engine = open_store(settings_of(ctx))
         with engine.begin() as conn:
             if JOB_ID.match(target):
-                moved = states.cancel(conn, job_ids=[target])
+                moved = transitions.cancel(conn, job_ids=[target])
                 what = f"job {target}"
             else:
-                moved = states.cancel(conn, dataset_id=dataset_id(engine, target))
+                moved = transitions.cancel(conn, dataset_id=dataset_id(engine, target))
                 what = f"dataset {target}"
     click.echo(f"{what}: {moved} unfinished jobs canceled (a worker rendering one discards its result)")
 
@@ -38,15 +38,15 @@ def cancel(ctx: click.Context, target: str) -> None:
 @click.pass_context
 def retry(ctx: click.Context, dataset: str, failed: bool) -> None:
     """Send a dataset's failed jobs again."""
-    from farm.db import open_store
-    from farm.status import dataset_id
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
 
     settings = settings_of(ctx)
     with errors():
         engine = open_store(settings)
         ds_id = dataset_id(engine, dataset)
         with engine.begin() as conn:
-            moved = states.retry_failed(conn, ds_id)
+            moved = transitions.retry_failed(conn, ds_id)
         click.echo(f"dataset {dataset}: {moved} failed jobs back to pending")
         dispatch_or_warn(settings, engine, ds_id)
 
@@ -56,13 +56,13 @@ def retry(ctx: click.Context, dataset: str, failed: bool) -> None:
 @click.pass_context
 def pause(ctx: click.Context, dataset: str) -> None:
     """Stop handing out a dataset's jobs; jobs already rendering finish."""
-    from farm.db import open_store
-    from farm.status import dataset_id
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
 
     with errors():
         engine = open_store(settings_of(ctx))
         with engine.begin() as conn:
-            states.set_paused(conn, dataset_id(engine, dataset), True)
+            transitions.set_paused(conn, dataset_id(engine, dataset), True)
     click.echo(f"dataset {dataset} paused: `farm resume {dataset}` sends its waiting jobs again")
 
 
@@ -71,16 +71,16 @@ def pause(ctx: click.Context, dataset: str) -> None:
 @click.pass_context
 def resume(ctx: click.Context, dataset: str) -> None:
     """Resume a paused dataset and send its waiting jobs again."""
-    from farm.db import open_store
-    from farm.status import dataset_id
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
 
     settings = settings_of(ctx)
     with errors():
         engine = open_store(settings)
         ds_id = dataset_id(engine, dataset)
         with engine.begin() as conn:
-            states.set_paused(conn, ds_id, False)
+            transitions.set_paused(conn, ds_id, False)
             # Messages delivered while paused were dropped by the guarded claim; send those jobs again.
-            requeued = states.requeue_queued(conn, ds_id)
+            requeued = transitions.requeue_queued(conn, ds_id)
         click.echo(f"dataset {dataset} resumed ({requeued} waiting jobs)")
         dispatch_or_warn(settings, engine, ds_id)

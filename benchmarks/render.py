@@ -20,13 +20,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from farm.broker import make_celery
-from farm.db import open_store
-from farm.dispatch import dispatch_pending
+from farm.dispatch.broker import make_celery
+from farm.dispatch.publish import dispatch_pending
 from farm.profiles import model_source
-from farm.schema import Job, JobStatus
 from farm.settings import Settings, redact
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import open_store
+from farm.store.schema import Job, JobStatus
+from farm.submit.plan import SubmitOptions, plan_submission, record
 
 Progress = Callable[[str], None]
 
@@ -43,7 +43,7 @@ def ensure_model(settings: Settings, model: str) -> str:
     source = model_source(model, settings)
     if model in ("bench-small", "tiny") and not (Path(source) / "model_index.json").is_file():
         if model == "bench-small":
-            from models.bench import make_bench_small
+            from models.bench_small import make_bench_small
 
             make_bench_small(source)
         else:

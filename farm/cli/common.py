@@ -33,8 +33,8 @@ def settings_of(ctx: click.Context) -> Settings:
 
 def dispatch_or_warn(settings: Settings, engine: Any, dataset_id: int | None) -> None:
     """Publish pending jobs; if the broker is away, say that nothing is lost and exit 3."""
-    from farm.broker import make_celery
-    from farm.dispatch import dispatch_pending
+    from farm.dispatch.broker import make_celery
+    from farm.dispatch.publish import dispatch_pending
 
     started = time.perf_counter()
     try:

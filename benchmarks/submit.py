@@ -21,13 +21,13 @@ from typing import Any
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 
-from farm.broker import make_celery
-from farm.db import open_store
-from farm.dispatch import dispatch_pending
-from farm.schema import Dataset, Job, JobStatus, utcnow
+from farm.dispatch.broker import make_celery
+from farm.dispatch.publish import dispatch_pending
 from farm.settings import Settings, redact
-from farm.status import dataset_status
-from farm.submit import SubmitOptions, plan_submission, record
+from farm.store.engine import open_store
+from farm.store.queries import dataset_status
+from farm.store.schema import Dataset, Job, JobStatus, utcnow
+from farm.submit.plan import SubmitOptions, plan_submission, record
 
 _SQLITE_CHUNK = 50_000
 _COLUMNS = (

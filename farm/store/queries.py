@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import UnknownDataset
-from farm.schema import FINISHED, Dataset, Job, JobStatus, utcnow
+from farm.store.schema import FINISHED, Dataset, Job, JobStatus, utcnow
 
 # Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
 RATE_WINDOW_S = 120
@@ -126,8 +126,8 @@ class PoolProgress:
 
 def pool_progress(engine: Engine, names: list[str], *, beat_s: float) -> list[PoolProgress]:
     """Per pool (from the workers' heartbeats), for the jobs of the named datasets."""
-    from farm.fleet import list_workers
-    from farm.schema import Worker
+    from farm.store.fleet import list_workers
+    from farm.store.schema import Worker
 
     by_pool: dict[str, dict[str, float]] = {}
 

@@ -18,9 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from farm.errors import FarmError, StorageError
-from farm.schema import Job, JobStatus
-from farm.status import dataset_id
 from farm.storage import Storage, object_key
+from farm.store.queries import dataset_id
+from farm.store.schema import Job, JobStatus
 
 PAD_PX = 8
 LINE_PX = 12  # Pillow's default font at its default size is about 11 px high

@@ -23,10 +23,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from farm.errors import FarmError, StorageError
-from farm.export_targets import Destination, open_destination
-from farm.schema import Job, JobStatus, utcnow
-from farm.status import dataset_id
+from farm.outputs.destinations import Destination, open_destination
 from farm.storage import LocalStorage, S3Storage, Storage, object_key
+from farm.store.queries import dataset_id
+from farm.store.schema import Job, JobStatus, utcnow
 
 __all__ = [
     "FIELDS",

@@ -1,0 +1,1 @@
+"""Benchmarks, all in one place: `farm bench` (render.py), `farm bench submit` (submit.py), the GPU script (gpu.py)."""

@@ -1,0 +1,1 @@
+"""Getting finished datasets out: export formats and their destinations, contact sheets and galleries."""
