@@ -23,10 +23,12 @@ from sqlalchemy import select
 from farm.dispatch.broker import make_celery
 from farm.dispatch.publish import dispatch_pending
 from farm.profiles import model_source
-from farm.settings import Settings, redact
+from farm.secrets import redact
+from farm.settings import Settings
 from farm.store.engine import open_store
 from farm.store.schema import Job, JobStatus
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 
 Progress = Callable[[str], None]
 

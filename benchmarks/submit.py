@@ -23,11 +23,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from farm.dispatch.broker import make_celery
 from farm.dispatch.publish import dispatch_pending
-from farm.settings import Settings, redact
+from farm.secrets import redact
+from farm.settings import Settings
 from farm.store.engine import open_store
 from farm.store.queries import dataset_status
 from farm.store.schema import Dataset, Job, JobStatus, utcnow
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 
 _SQLITE_CHUNK = 50_000
 _COLUMNS = (

@@ -7,7 +7,6 @@ exactly as the CLI does (InvalidSubmission, naming the file and line, or `<promp
 from __future__ import annotations
 
 import builtins
-import hashlib
 import io
 import os
 import time
@@ -16,14 +15,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import InvalidSubmission, StorageError
+from farm.job import INPUT_FIELDS
 from farm.settings import Settings, load_settings
-from farm.storage import LocalStorage, S3Storage, Storage, object_key, storage_for
+from farm.storage import Storage, storage_for
 from farm.store.queries import DatasetStatus, dataset_id, dataset_status
 from farm.store.schema import Job, JobStatus
 from farm.submit.inputs import FORMATS, rows_from_records
@@ -47,7 +46,10 @@ Vary = Sequence[str] | Mapping[str, Any]
 
 @dataclass(frozen=True)
 class FinishedImage:
-    """One job of a dataset and, once it succeeded, its image in the farm's storage."""
+    """One job of a dataset and, once it succeeded, its image in the farm's storage.
+
+    Its input fields are farm/job.py's JobSpec fields of the same names (tests/test_job.py checks them).
+    """
 
     job_id: str
     dataset: str
@@ -69,10 +71,7 @@ class FinishedImage:
         """The PNG as stored, checked against the SHA-256 recorded when it was rendered."""
         if self.uri is None:
             raise StorageError(f"job {self.job_id} has no image (it is {self.state})")
-        data = self._storage.get(_key_of(self._storage, self.uri, self.dataset, self.job_id))
-        if self.sha256 and hashlib.sha256(data).hexdigest() != self.sha256:
-            raise StorageError(f"the image of job {self.job_id} at {self.uri} does not match its recorded sha256")
-        return data
+        return self._storage.read_verified(self.uri, self.sha256, what=f"the image of job {self.job_id}")
 
     def open(self) -> Image.Image:
         """The image as a PIL image, fully decoded."""
@@ -81,6 +80,10 @@ class FinishedImage:
         image = Image.open(io.BytesIO(self.read_bytes()))
         image.load()
         return image
+
+
+# The job inputs a FinishedImage carries.
+IMAGE_INPUTS = tuple(name for name in INPUT_FIELDS if name in {f.name for f in fields(FinishedImage)})
 
 
 class Client:
@@ -174,21 +177,8 @@ class Client:
             raise ValueError(f"state must be one of {', '.join(s.value for s in JobStatus)} or None, got {state!r}")
         ds_id = dataset_id(self.engine, dataset)
         line = func.coalesce(Job.source_line, 0)
-        columns = (
-            Job.id,
-            Job.prompt,
-            Job.seed,
-            Job.width,
-            Job.height,
-            Job.num_inference_steps,
-            Job.guidance_scale,
-            Job.model,
-            Job.status,
-            Job.source_line,
-            Job.output_uri,
-            Job.sha256,
-            Job.bytes,
-        )
+        inputs = [Job.__table__.c[name] for name in IMAGE_INPUTS]
+        columns = (Job.id, Job.status, Job.output_uri, Job.sha256, Job.bytes, *inputs)
         after: tuple[int, str] | None = None
         while True:
             query = select(*columns).where(Job.dataset_id == ds_id).order_by(line, Job.id).limit(_PAGE)
@@ -200,17 +190,10 @@ class Client:
                 page = conn.execute(query).all()
             for row in page:
                 yield FinishedImage(
+                    **{name: getattr(row, name) for name in IMAGE_INPUTS},
                     job_id=row.id,
                     dataset=dataset,
-                    prompt=row.prompt,
-                    seed=row.seed,
-                    width=row.width,
-                    height=row.height,
-                    num_inference_steps=row.num_inference_steps,
-                    guidance_scale=row.guidance_scale,
-                    model=row.model,
                     state=row.status,
-                    source_line=row.source_line,
                     uri=row.output_uri,
                     sha256=row.sha256,
                     bytes=row.bytes,
@@ -278,18 +261,3 @@ def _vary_item(value: Any) -> str:
     if isinstance(value, tuple | list) and len(value) == 2:
         return f"{value[0]}x{value[1]}"  # a size
     return str(value)
-
-
-def _key_of(storage: Storage, uri: str, dataset: str, job_id: str) -> str:
-    """The key of a recorded image URI in this storage; StorageError if it lies elsewhere."""
-    standard = object_key(storage.prefix, dataset, job_id)
-    if storage.uri_for(standard) == uri:
-        return standard
-    parts = urlsplit(uri)
-    if isinstance(storage, S3Storage) and parts.scheme == "s3" and parts.netloc == storage.bucket:
-        return unquote(parts.path.lstrip("/"))
-    if isinstance(storage, LocalStorage) and parts.scheme == "file":
-        path = Path(unquote(parts.path))
-        if path.is_relative_to(storage.root):
-            return path.relative_to(storage.root).as_posix()
-    raise StorageError(f"{uri} is not in the farm's storage, {storage.describe()}")

@@ -6,16 +6,19 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from farm.errors import ConfigError
+from farm.secrets import redact
 
 # Each setting: (field, environment variable, type). The toml file uses the field names.
 _INT_FIELDS = {"max_attempts", "lease_s", "batch_size", "retry_backoff_s", "retry_backoff_max_s"}
 _FLOAT_FIELDS = {"render_deadline_s"}
+# Fields that only the config file sets (tables, and which file it was), never a FARM_* variable.
+_FROM_FILE = {"pools", "config_file"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Settings:
     render_deadline_s: float = 900.0
     device: str = "auto"
     dtype: str = "auto"
+    # `[pools.NAME]` tables of farm.toml: pool name → the options it sets (POOL_KEYS), read with everything else.
+    pools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    config_file: Path | None = None  # the farm.toml the settings and pools came from, if any
 
     @property
     def embedded(self) -> bool:
@@ -53,10 +59,23 @@ class Settings:
 
     def describe(self) -> dict[str, str]:
         """The settings as text, with every secret masked: safe for logs and `farm doctor`."""
-        return {
+        described = {
             f.name: redact(str(getattr(self, f.name))) if getattr(self, f.name) is not None else ""
             for f in fields(self)
+            if f.name not in _FROM_FILE
         }
+        described["pools"] = ", ".join(sorted(self.pools))
+        described["config_file"] = str(self.config_file or "")
+        return described
+
+    def pool(self, name: str) -> dict[str, Any]:
+        """The options of pool NAME (`farm worker --pool NAME`), from `[pools.NAME]` in farm.toml."""
+        if name not in self.pools:
+            if self.config_file is None:
+                raise ConfigError(f"pool {name!r}: no farm.toml here (or FARM_CONFIG) to read [pools.{name}] from")
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise ConfigError(f"{self.config_file}: no [pools.{name}] table (pools configured: {known})")
+        return dict(self.pools[name])
 
 
 def load_settings(
@@ -66,9 +85,13 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     path = config_file or _config_path(env)
+    pools: dict[str, dict[str, Any]] = {}
     if path is not None:
-        values.update(_read_toml(path))
+        table, pools = _read_toml(path)
+        values.update(table)
     for f in fields(Settings):
+        if f.name in _FROM_FILE:
+            continue
         key = f"FARM_{f.name.upper()}"
         if key in env and env[key] != "":
             values[f.name] = env[key]
@@ -84,10 +107,10 @@ def load_settings(
     for name in _FLOAT_FIELDS:
         if name in values:
             values[name] = _as_float(name, values[name])
-    unknown = set(values) - {f.name for f in fields(Settings)}
+    unknown = set(values) - {f.name for f in fields(Settings)} | (_FROM_FILE & set(values))
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    settings = Settings(home=home, **values)
+    settings = Settings(home=home, pools=pools, config_file=path, **values)
     _validate(settings)
     return settings
 
@@ -97,21 +120,6 @@ def with_overrides(settings: Settings, **changes: Any) -> Settings:
     updated = replace(settings, **{k: v for k, v in changes.items() if v is not None})
     _validate(updated)
     return updated
-
-
-def redact(text: str) -> str:
-    """Mask the password in a URL (`redis://:secret@host` → `redis://:***@host`); other text unchanged."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    if not parts.scheme or parts.password is None:
-        return text
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def _config_path(env: Mapping[str, str]) -> Path | None:
@@ -125,16 +133,51 @@ def _config_path(env: Mapping[str, str]) -> Path | None:
     return local if local.is_file() else None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The settings table (top-level keys or a [farm] table) and the `[pools.NAME]` tables, validated."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read settings: {exc}") from exc
-    # Accept either top-level keys or a [farm] table.
     table = data.get("farm", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [farm] must be a table")
-    return {k: v for k, v in table.items() if not isinstance(v, dict)}
+    pools = data.get("pools", table.get("pools", {}))
+    if not isinstance(pools, dict):
+        raise ConfigError(f"{path}: [pools] must hold tables like [pools.NAME]")
+    for name, options in pools.items():
+        _check_pool(path, name, options)
+    return {k: v for k, v in table.items() if not isinstance(v, dict)}, pools
+
+
+# `[pools.NAME]` keys in farm.toml: the `farm worker` options each one sets, then what the pool can serve
+# (farm/dispatch/routing.py; a missing key means "any").
+POOL_KEYS: dict[str, type] = {
+    "device": str,
+    "dtype": str,
+    "queue": str,
+    "max_batch": int,
+    "io_threads": int,
+    "low_memory": bool,
+    "metrics_port": int,
+    "models": list,
+    "controlnets": list,
+    "max_pixels": int,
+    "quantize": list,
+}
+
+
+def _check_pool(path: Path, name: str, options: Any) -> None:
+    if not isinstance(options, dict):
+        raise ConfigError(f"{path}: [pools.{name}] must be a table")
+    for key, value in options.items():
+        kind = POOL_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"{path}: [pools.{name}] unknown key {key!r} (allowed: {', '.join(POOL_KEYS)})")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: [pools.{name}] {key} must be {kind.__name__}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{path}: [pools.{name}] {key} must be a list of strings, got {value!r}")
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -17,7 +17,8 @@ from farm.errors import ConfigError
 from farm.settings import load_settings
 from farm.store.engine import open_store
 from farm.store.schema import Job
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 from models import pipeline as pipeline_module
 from models.pipeline import RenderDeadlineExceeded, RenderRequest, load_pipeline, render_batch
 from models.tiny import TINY_DEFAULT_SIZE, make_tiny

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from farm.cli.doctor import Level, check_database, check_models, scrub, secrets_of
+from farm.cli.doctor import Level, check_database, check_models
+from farm.secrets import scrub, secrets_of
 from farm.settings import load_settings
 from tests.support.processes import farm_env, run_farm
 from tests.support.s3 import S3Server, free_port
@@ -130,7 +131,7 @@ def test_scrub_masks_url_passwords_raw_and_decoded(tmp_path: Path, password: str
     )
     hidden = secrets_of(settings, {"AWS_SECRET_ACCESS_KEY": "aws-key-value"})
     text = f"failed: {password} / p@ss:word / aws-key-value"
-    cleaned = scrub(text, hidden)
+    cleaned = scrub(text, hidden=hidden)
     assert "aws-key-value" not in cleaned and password not in cleaned
     if "%40" in password:
         assert "p@ss:word" not in cleaned

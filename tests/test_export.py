@@ -26,7 +26,9 @@ from sqlalchemy.engine import Engine
 from farm.errors import StorageError, UnknownDataset
 from farm.outputs.export import FIELDS, MANIFEST, export_dataset, presigned_url
 from farm.settings import Settings, load_settings
-from farm.storage import LocalStorage, S3Storage, Storage, object_key, open_storage
+from farm.storage import Storage, object_key, open_storage
+from farm.storage.local import LocalStorage
+from farm.storage.s3 import S3Storage
 from farm.store.engine import open_store
 from farm.store.schema import Dataset, Job, JobStatus, utcnow
 from tests.support.s3 import S3Server

@@ -16,7 +16,8 @@ from farm.dispatch.broker import make_celery
 from farm.settings import load_settings
 from farm.store.engine import make_engine, open_store
 from farm.store.schema import Dataset, Job
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 from tests.support.processes import Worker, farm_env, run_farm, wait_until
 from tests.support.proxy import FaultProxy
 from tests.support.s3 import S3Server

@@ -1,4 +1,4 @@
-"""The fleet: pool settings from farm.toml, heartbeats in the job store, `farm workers`."""
+"""The fleet: pool settings from farm.toml (read with the other settings), heartbeats, `farm workers`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import update
 
 from farm.errors import ConfigError
+from farm.settings import load_settings
 from farm.store.engine import ensure_schema, make_engine
-from farm.store.fleet import Heartbeat, beat, list_workers, load_pool, mark_stopped
+from farm.store.fleet import Heartbeat, beat, list_workers, mark_stopped
 from farm.store.schema import Worker, utcnow
 from tests.support.processes import Worker as WorkerProcess
 from tests.support.processes import farm_env, run_farm, wait_until
@@ -31,15 +32,16 @@ queue = "render"
 def test_pool_options_come_from_farm_toml(tmp_path: Path) -> None:
     config = tmp_path / "farm.toml"
     config.write_text(POOLS)
-    assert load_pool("small-cards", config_file=config) == {"device": "cpu", "low_memory": True, "max_batch": 2}
+    settings = load_settings({}, config_file=config, home=str(tmp_path))
+    assert settings.pool("small-cards") == {"device": "cpu", "low_memory": True, "max_batch": 2}
     with pytest.raises(ConfigError, match=r"no \[pools.tiny\] table \(pools configured: big-cards, small-cards\)"):
-        load_pool("tiny", config_file=config)
+        settings.pool("tiny")
     config.write_text('[pools.x]\nmax_batch = "eight"\n')
     with pytest.raises(ConfigError, match="max_batch must be int, got 'eight'"):
-        load_pool("x", config_file=config)
+        load_settings({}, config_file=config, home=str(tmp_path))
     config.write_text("[pools.x]\ngpus = 2\n")
     with pytest.raises(ConfigError, match="unknown key 'gpus'"):
-        load_pool("x", config_file=config)
+        load_settings({}, config_file=config, home=str(tmp_path))
 
 
 def _beat(name: str, pool: str | None = "p") -> Heartbeat:

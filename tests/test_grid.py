@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from farm.cli import main
 from farm.errors import InvalidSubmission
+from farm.submit.fields import MAX_SEED
 from farm.submit.grid import MAX_AXIS_VALUES, parse_axis, parse_grid, variations
-from farm.submit.plan import MAX_SEED, SubmitOptions, plan_submission
+from farm.submit.plan import SubmitOptions, plan_submission
 
 VARY = ["--vary", "seed=0..3", "--vary", "size=256x256,128x192"]
 

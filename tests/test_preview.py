@@ -20,7 +20,8 @@ from farm.storage import Storage, object_key, open_storage
 from farm.store import transitions
 from farm.store.engine import open_store
 from farm.store.schema import Job
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 
 PROMPTS = [
     "a red cube on a table",

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from farm.errors import ConfigError
-from farm.settings import Settings, load_settings, redact, with_overrides
+from farm.secrets import redact
+from farm.settings import Settings, load_settings, with_overrides
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
+from farm.job import Claimed
 from farm.storage import StoredObject
 from farm.store import transitions
 from farm.store.engine import ensure_schema, make_engine
@@ -63,7 +64,7 @@ def _status(engine: Engine, job_id: str) -> tuple[str, int, str | None]:
     return row.status, row.attempts, row.error
 
 
-def _claim(engine: Engine, ids: list[str], worker: str = "w1", max_attempts: int = 3) -> list[transitions.Claimed]:
+def _claim(engine: Engine, ids: list[str], worker: str = "w1", max_attempts: int = 3) -> list[Claimed]:
     with engine.begin() as conn:
         return transitions.claim(conn, ids, worker=worker, lease_s=60, max_attempts=max_attempts)
 

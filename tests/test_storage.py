@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from farm.errors import StorageError, TransientStorageError
-from farm.storage import LocalStorage, S3Storage, Storage, StoredObject, object_key, open_storage
+from farm.storage import Storage, StoredObject, object_key, open_storage
+from farm.storage.local import LocalStorage
+from farm.storage.s3 import S3Storage
 from tests.support.s3 import S3Server, free_port
 
 SECRET = "sEcReT-do-not-leak-0123456789abcdefXYZ"

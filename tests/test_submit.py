@@ -12,20 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import InvalidSubmission
+from farm.job import JobSpec
 from farm.settings import Settings, load_settings
 from farm.store.engine import ensure_schema, make_engine
 from farm.store.schema import Dataset, Job, JobStatus
+from farm.submit.fields import MAX_SEED
 from farm.submit.inputs import rows_from_records
-from farm.submit.plan import (
-    MAX_SEED,
-    JobSpec,
-    SubmitOptions,
-    derive_seed,
-    plan_rows,
-    plan_submission,
-    record,
-    validate_dataset_name,
-)
+from farm.submit.plan import SubmitOptions, derive_seed, plan_rows, plan_submission, validate_dataset_name
+from farm.submit.record import record
 from farm.submit.run import submit_file, summary_lines
 
 

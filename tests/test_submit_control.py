@@ -17,11 +17,14 @@ from sqlalchemy.engine import Engine
 
 from farm.cli import main
 from farm.errors import InvalidSubmission, StorageError
-from farm.storage import LocalStorage, StoredObject, open_storage
+from farm.job import JobSpec
+from farm.storage import StoredObject, open_storage
+from farm.storage.local import LocalStorage
 from farm.store.engine import ensure_schema, make_engine
 from farm.store.schema import Dataset, Job
 from farm.submit.conditions import condition_key
-from farm.submit.plan import JobSpec, SubmitOptions, plan_submission, record, store_conditions
+from farm.submit.plan import SubmitOptions, plan_submission, store_conditions
+from farm.submit.record import record
 from tests.support.s3 import S3Server
 
 CONTROLNET = "tiny-controlnet"

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 
 from farm.store.engine import make_engine
 from farm.store.schema import Dataset, Job
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,8 @@ from farm.settings import Settings, load_settings
 from farm.storage import open_storage
 from farm.store.engine import open_store
 from farm.store.schema import Job
-from farm.submit.plan import SubmitOptions, plan_submission, record, store_conditions
+from farm.submit.plan import SubmitOptions, plan_submission, store_conditions
+from farm.submit.record import record
 from models.controlnet import make_tiny_controlnet
 from models.pipeline import RenderRequest, render_batch
 from models.tiny import make_tiny

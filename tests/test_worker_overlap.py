@@ -11,7 +11,8 @@ from farm.dispatch.broker import make_celery
 from farm.settings import load_settings
 from farm.store.engine import open_store
 from farm.store.schema import Job
-from farm.submit.plan import SubmitOptions, plan_submission, record
+from farm.submit.plan import SubmitOptions, plan_submission
+from farm.submit.record import record
 from tests.support.proxy import SlowProxy
 from tests.support.s3 import S3Server
 from workers.runtime import WorkerRuntime
@@ -80,7 +81,7 @@ def test_a_task_renders_its_jobs_in_batches_of_the_workers_limit(tmp_path: Path,
 def test_upload_threads_run_below_the_render_threads_priority(tmp_path: Path) -> None:
     import threading
 
-    from farm.storage import LocalStorage
+    from farm.storage.local import LocalStorage
     from workers.uploads import Uploader
 
     uploader = Uploader(LocalStorage(tmp_path), threads=1, max_in_flight=1)

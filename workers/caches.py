@@ -6,7 +6,6 @@ at shutdown.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from farm.job import Claimed
 from farm.profiles import controlnet_source, model_source
 from farm.settings import Settings
 from farm.storage import Storage
-from farm.store.transitions import Claimed
 
 log = logging.getLogger("farm.worker")
 
@@ -166,20 +165,16 @@ class RenderCaches:
         """The job's condition image as a local file: fetched from storage once, checked against its sha256."""
         if not job.control_uri or not job.control_sha256:
             raise ValueError(f"job {job.id} has a controlnet but no stored condition")
-        parts = urlsplit(job.control_uri)
-        if parts.scheme == "file":
-            path = Path(unquote(parts.path))
-            data = path.read_bytes()
-        else:
-            path = self.settings.home / "cache" / "conditions" / job.control_sha256
-            if path.is_file():
-                return path
-            data = self.storage.get(parts.path.lstrip("/"))
-        if hashlib.sha256(data).hexdigest() != job.control_sha256:
-            raise ValueError(f"condition {job.control_uri} does not match its recorded sha256")
-        if parts.scheme != "file":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        # A condition in a local storage folder is used where it lies; one in a bucket is fetched once.
+        local = urlsplit(job.control_uri).scheme == "file"
+        path = self.settings.home / "cache" / "conditions" / job.control_sha256
+        if not local and path.is_file():
+            return path
+        data = self.storage.read_verified(job.control_uri, job.control_sha256, what=f"the condition of job {job.id}")
+        if local:
+            return Path(unquote(urlsplit(job.control_uri).path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
         return path

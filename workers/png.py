@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL.PngImagePlugin import PngInfo
 
-from farm.store.transitions import Claimed
+from farm.job import Claimed
 
 
 def png_metadata(job: Claimed) -> dict[str, str]:

@@ -11,6 +11,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError as SQLOperationalError
 
 from farm.dispatch.broker import RENDER_TASK
+from farm.job import Claimed
 from farm.storage import StoredObject
 from farm.store import transitions
 from farm.store.schema import JobStatus
@@ -24,8 +25,8 @@ _DB_TRIES = 5
 
 def record_batch(
     rt: WorkerRuntime,
-    done: Sequence[tuple[transitions.Claimed, StoredObject, int]],
-    failed: Sequence[tuple[transitions.Claimed, BaseException]],
+    done: Sequence[tuple[Claimed, StoredObject, int]],
+    failed: Sequence[tuple[Claimed, BaseException]],
 ) -> None:
     """Mark a batch's confirmed uploads succeeded and its failures retried or failed, in one transaction.
 
@@ -78,7 +79,7 @@ def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
-def _after_failure(rt: WorkerRuntime, job: transitions.Claimed, exc: BaseException, state: JobStatus | None) -> None:
+def _after_failure(rt: WorkerRuntime, job: Claimed, exc: BaseException, state: JobStatus | None) -> None:
     settings = rt.settings
     if state is None:
         rt.stats.lost += 1

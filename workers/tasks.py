@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from farm.job import Claimed
 from farm.storage import StoredObject
 from farm.store import transitions
 from workers.metrics import METRICS
@@ -67,15 +68,15 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
 
 def _uploaded(
     rt: WorkerRuntime,
-    done: list[tuple[transitions.Claimed, StoredObject, int]],
-    failed: list[tuple[transitions.Claimed, BaseException]],
+    done: list[tuple[Claimed, StoredObject, int]],
+    failed: list[tuple[Claimed, BaseException]],
 ) -> None:
     METRICS.count_errors("upload", len(failed))
     record_batch(rt, done, failed)
 
 
-def _batches(jobs: list[transitions.Claimed], size: int) -> Iterator[list[transitions.Claimed]]:
-    groups: dict[tuple[object, ...], list[transitions.Claimed]] = {}
+def _batches(jobs: list[Claimed], size: int) -> Iterator[list[Claimed]]:
+    groups: dict[tuple[object, ...], list[Claimed]] = {}
     for job in jobs:
         groups.setdefault(job.render_group, []).append(job)
     for group in groups.values():
@@ -83,9 +84,7 @@ def _batches(jobs: list[transitions.Claimed], size: int) -> Iterator[list[transi
             yield group[start : start + size]
 
 
-def _render(
-    rt: WorkerRuntime, batch: list[transitions.Claimed]
-) -> tuple[list[Rendered], list[tuple[transitions.Claimed, BaseException]]]:
+def _render(rt: WorkerRuntime, batch: list[Claimed]) -> tuple[list[Rendered], list[tuple[Claimed, BaseException]]]:
     """One pipeline call for the batch; if it fails, each job alone, so one bad job fails only itself."""
     from models.pipeline import RenderRequest, render_batch
 
@@ -133,7 +132,7 @@ def _render(
             return [], [(batch[0], exc)]
         log.warning("batch of %d failed (%s); rendering its jobs one by one", len(batch), exc.__class__.__name__)
         rendered: list[Rendered] = []
-        failures: list[tuple[transitions.Claimed, BaseException]] = []
+        failures: list[tuple[Claimed, BaseException]] = []
         for job in batch:
             ok, bad = _render(rt, [job])
             rendered += ok

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.job import Claimed
 from farm.storage import Storage, StoredObject, object_key
-from farm.store.transitions import Claimed
 from workers.png import encode_png
 
 log = logging.getLogger("farm.worker")

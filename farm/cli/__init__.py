@@ -248,15 +248,13 @@ def worker(
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
     with errors():
         if pool:
-            from farm.store.fleet import load_pool
-
             # A pool's values fill in every option not given on the command line.
             given = {
                 k: v
                 for k, v in ctx.params.items()
                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT
             }
-            merged = {**ctx.params, **load_pool(pool), **given}
+            merged = {**ctx.params, **settings_of(ctx).pool(pool), **given}
             device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
             max_batch, io_threads = merged["max_batch"], merged["io_threads"]
             low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]

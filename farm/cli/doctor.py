@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-from farm.settings import Settings, redact
+from farm.secrets import redact
+from farm.settings import Settings
 
-SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD")
 CONNECT_TIMEOUT_S = 5
 
 
@@ -58,28 +58,6 @@ def run_checks(settings: Settings) -> list[Check]:
         except Exception as exc:  # a diagnosis reports every failure instead of stopping at the first
             results.append(Check(name, Level.FAIL, f"the check itself failed: {_first_line(exc)}"))
     return results
-
-
-def secrets_of(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
-    """Passwords in the configured URLs and the values of secret variables, longest first."""
-    env = os.environ if env is None else env
-    found: set[str] = set()
-    for url in (settings.database_url, settings.broker_url, settings.storage_url, settings.s3_endpoint_url or ""):
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            continue
-        if password:
-            found |= {password, unquote(password)}
-    found |= {env[name] for name in SECRET_VARIABLES if env.get(name)}
-    return sorted(found, key=len, reverse=True)
-
-
-def scrub(text: str, hidden: list[str]) -> str:
-    """Mask every secret in `text`, wherever it appears (URLs, driver messages, tracebacks)."""
-    for secret in hidden:
-        text = text.replace(secret, "***")
-    return text
 
 
 # ---- database ---------------------------------------------------------------------------------------

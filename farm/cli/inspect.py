@@ -50,13 +50,14 @@ def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, colu
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
     """Check the database, broker, storage, models and CUDA; exit 1 if any check fails. Prints no secret."""
-    from farm.cli.doctor import Level, run_checks, scrub, secrets_of
+    from farm.cli.doctor import Level, run_checks
+    from farm.secrets import scrub, secrets_of
 
     settings = settings_of(ctx)
     hidden = secrets_of(settings)
     results = run_checks(settings)
     for check in results:
-        click.echo(scrub(check.line(), hidden))
+        click.echo(scrub(check.line(), hidden=hidden))
     failed = [check.name for check in results if check.level is Level.FAIL]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")

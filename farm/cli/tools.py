@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from farm.cli.common import errors, settings_of
-from farm.settings import redact
+from farm.secrets import redact
 
 
 @click.group()

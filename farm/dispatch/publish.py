@@ -16,15 +16,16 @@ from sqlalchemy.engine import Engine
 from farm.dispatch.broker import RENDER_TASK
 from farm.dispatch.routing import Needs, Router
 from farm.errors import BrokerUnavailable
-from farm.settings import Settings, redact
+from farm.job import RENDER_GROUP_FIELDS
+from farm.secrets import redact
+from farm.settings import Settings
 from farm.store import transitions
 from farm.store.schema import Dataset, Job, JobStatus
 
 log = logging.getLogger(__name__)
 _PAGE = 10_000
 
-# A pending row: its id, then what decides which jobs can share one pipeline call (model, size, steps,
-# guidance, controlnet, conditioning scale, quantization); see Claimed.render_group.
+# A pending row: its id, then its render group (farm/job.py's RENDER_GROUP_FIELDS, as JobSpec.render_group).
 PendingRow = tuple[Any, ...]
 
 
@@ -69,8 +70,11 @@ def dispatch_pending(
         try:
             with app.producer_or_acquire() as producer:
                 for key, job_ids in group_jobs(page, settings.batch_size):
-                    model, width, height, _steps, _guidance, controlnet, _scale, quantize = key
-                    route = router.route(Needs(model, controlnet, width * height, quantize))
+                    group = dict(zip(RENDER_GROUP_FIELDS, key, strict=True))
+                    needs = Needs(
+                        group["model"], group["controlnet"], group["width"] * group["height"], group["quantize"]
+                    )
+                    route = router.route(needs)
                     if route.queue is None:
                         stranded.setdefault(route.reason or "unroutable", []).extend(job_ids)
                         continue
@@ -141,17 +145,7 @@ def _pending_priorities(engine: Engine, dataset_id: int | None) -> list[int]:
 
 def _pending_page(engine: Engine, dataset_id: int | None, after: str, priority: int) -> list[PendingRow]:
     query = (
-        select(
-            Job.id,
-            Job.model,
-            Job.width,
-            Job.height,
-            Job.num_inference_steps,
-            Job.guidance_scale,
-            Job.controlnet,
-            Job.conditioning_scale,
-            Job.quantize,
-        )
+        select(Job.id, *(Job.__table__.c[name] for name in RENDER_GROUP_FIELDS))
         .join(Dataset, Dataset.id == Job.dataset_id)
         .where(Job.status == JobStatus.PENDING.value, Job.id > after, Dataset.priority == priority)
         .order_by(Job.id)

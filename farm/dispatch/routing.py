@@ -7,16 +7,14 @@ with the reason on the job, until such a pool comes alive (`farm dispatch`, the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from farm.settings import Settings
-from farm.store.fleet import list_workers, load_pools
+from farm.store.fleet import list_workers
 
 
 @dataclass(frozen=True)
@@ -88,18 +86,9 @@ class Router:
         self.adapters = adapters  # pool name → ControlNet adapters its live workers hold
 
     @classmethod
-    def load(
-        cls,
-        engine: Engine,
-        settings: Settings,
-        *,
-        env: Mapping[str, str] | None = None,
-        config_file: Path | None = None,
-    ) -> Router:
-        pools = [
-            PoolSpec.from_options(name, options)
-            for name, options in load_pools(os.environ if env is None else env, config_file).items()
-        ]
+    def load(cls, engine: Engine, settings: Settings) -> Router:
+        """The router for the settings' pools and the workers alive now."""
+        pools = [PoolSpec.from_options(name, options) for name, options in settings.pools.items()]
         live: dict[str, int] = {}
         adapters: dict[str, set[str]] = {}
         if pools:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -11,7 +10,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from farm.errors import StorageError
-from farm.storage import LocalStorage, S3Storage, open_storage
+from farm.storage import Storage, local_folder, open_storage
 
 __all__ = ["Destination", "open_destination"]
 
@@ -56,8 +55,10 @@ class _LocalDestination:
         return tempfile.TemporaryDirectory(dir=self.root, prefix=".farm-export-")
 
 
-class _S3Destination:
-    def __init__(self, storage: S3Storage) -> None:
+class _StorageDestination:
+    """An export prefix in a bucket: files go through the storage interface, streamed and confirmed."""
+
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
     def _key(self, name: str) -> str:
@@ -71,20 +72,7 @@ class _S3Destination:
 
     def publish(self, path: Path, name: str) -> None:
         """Upload (multipart for big shards, streamed from disk), then confirm size and SHA-256."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        key = self._key(name)
-        digest = _file_sha256(path)
-        size = path.stat().st_size
-        extra = {"ContentType": _content_type(name), "Metadata": {"sha256": digest}}
-        try:
-            # S3Storage.put takes bytes; a shard can be gigabytes, so upload_file streams it instead.
-            self.storage._client.upload_file(str(path), self.storage.bucket, key, ExtraArgs=extra)
-        except (ClientError, BotoCoreError) as exc:
-            self.storage._fail(exc, "upload to", key)
-        stored = self.storage.head(key)
-        if stored is None or stored.bytes != size or stored.sha256 != digest:
-            raise StorageError(f"s3://{self.storage.bucket}/{key} did not confirm after upload")
+        self.storage.put_file(self._key(name), path, content_type=_content_type(name))
 
     def staging(self) -> tempfile.TemporaryDirectory[str]:
         return tempfile.TemporaryDirectory(prefix="farm-export-")
@@ -101,25 +89,14 @@ def _content_type(name: str) -> str:
     }.get(suffix, "application/octet-stream")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def open_destination(to: str, *, s3_endpoint_url: str | None, s3_region: str | None) -> Destination:
     """A local folder (a path or ``file://`` URL) or an S3 prefix (``s3://bucket/prefix``)."""
     scheme = urlsplit(to).scheme
     if scheme == "s3":
-        storage = open_storage(to, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
-        assert isinstance(storage, S3Storage)
-        return _S3Destination(storage)
+        return _StorageDestination(open_storage(to, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region))
     if scheme == "file":
-        local = open_storage(to)
-        assert isinstance(local, LocalStorage)
-        return _LocalDestination(local.root)
+        open_storage(to)  # checks the URL as a storage URL is checked
+        return _LocalDestination(local_folder(to))
     if scheme and len(scheme) > 1:  # one letter is a Windows drive
         raise ValueError(f"export destination {to!r} must be a local folder or s3://bucket/prefix")
     return _LocalDestination(Path(to).expanduser().absolute())

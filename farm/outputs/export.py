@@ -8,7 +8,6 @@ imagefolder the new images plus a rewritten ``metadata.jsonl``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,14 +16,14 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import BigInteger, Float, Integer, select
 from sqlalchemy.engine import Engine
 
-from farm.errors import FarmError, StorageError
+from farm.errors import FarmError
+from farm.job import EXPORT_FIELDS, ExportField
 from farm.outputs.destinations import Destination, open_destination
-from farm.storage import LocalStorage, S3Storage, Storage, object_key
+from farm.storage import Storage, object_key
 from farm.store.queries import dataset_id
 from farm.store.schema import Job, JobStatus, utcnow
 
@@ -42,26 +41,8 @@ __all__ = [
 
 FORMATS = ("parquet", "jsonl", "webdataset", "imagefolder")
 MANIFEST = "_farm_export.json"
-# The columns of every format, in this order.
-FIELDS = (
-    "job_id",
-    "prompt",
-    "seed",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "model",
-    "controlnet",
-    "conditioning_scale",
-    "quantize",
-    "uri",
-    "sha256",
-    "bytes",
-    "worker",
-    "render_seconds",
-    "finished_at",
-)
+# The columns of every format, in this order (farm/job.py's EXPORT_FIELDS).
+FIELDS = tuple(field.name for field in EXPORT_FIELDS)
 _MANIFEST_VERSION = 1
 _DB_CHUNK = 1000  # rows read from the job store at a time
 _FETCH_CHUNK = 32  # images held in memory at once while fetching in parallel
@@ -88,27 +69,39 @@ class ExportResult:
 # ---- rows --------------------------------------------------------------------------------------------
 
 
+def _kind(field: ExportField) -> str:
+    """The export type of a field: its jobs column's, but seconds and ISO text for the two it converts."""
+    if field.source == "render_ms":
+        return "float64"
+    if field.source == "finished_at":
+        return "string"
+    column_type = Job.__table__.c[field.source].type
+    if isinstance(column_type, BigInteger):
+        return "int64"
+    if isinstance(column_type, Integer):
+        return "int32"
+    if isinstance(column_type, Float):
+        return "float64"
+    return "string"
+
+
+_KINDS = {field.name: _kind(field) for field in EXPORT_FIELDS}
+
+
+def _value(field: ExportField, value: Any) -> Any:
+    if value is None:
+        return None
+    if field.source == "render_ms":
+        return value / 1000
+    if field.source == "finished_at":
+        return value.isoformat()
+    kind = _KINDS[field.name]
+    return int(value) if kind.startswith("int") else float(value) if kind == "float64" else value
+
+
 def _row(job: Any) -> dict[str, Any]:
     """One export row from a jobs row; timestamps as ISO 8601 UTC, render time in seconds."""
-    return {
-        "job_id": job.id,
-        "prompt": job.prompt,
-        "seed": int(job.seed),
-        "width": int(job.width),
-        "height": int(job.height),
-        "num_inference_steps": int(job.num_inference_steps),
-        "guidance_scale": float(job.guidance_scale),
-        "model": job.model,
-        "controlnet": job.controlnet,
-        "conditioning_scale": None if job.conditioning_scale is None else float(job.conditioning_scale),
-        "quantize": job.quantize,
-        "uri": job.output_uri,
-        "sha256": job.sha256,
-        "bytes": None if job.bytes is None else int(job.bytes),
-        "worker": job.worker,
-        "render_seconds": None if job.render_ms is None else job.render_ms / 1000,
-        "finished_at": None if job.finished_at is None else job.finished_at.isoformat(),
-    }
+    return {field.name: _value(field, getattr(job, field.source)) for field in EXPORT_FIELDS}
 
 
 def _succeeded_rows(engine: Engine, ds_id: int, skip: set[str]) -> Iterator[dict[str, Any]]:
@@ -125,25 +118,7 @@ def _succeeded_rows(engine: Engine, ds_id: int, skip: set[str]) -> Iterator[dict
                 yield _row(job)
 
 
-_JOB_COLUMNS = (
-    "id",
-    "prompt",
-    "seed",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "model",
-    "controlnet",
-    "conditioning_scale",
-    "quantize",
-    "output_uri",
-    "sha256",
-    "bytes",
-    "worker",
-    "render_ms",
-    "finished_at",
-)
+_JOB_COLUMNS = tuple(field.source for field in EXPORT_FIELDS)
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -160,29 +135,10 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 # ---- images from the farm's storage ----------------------------------------------------------------
 
 
-def _key_of(storage: Storage, uri: str | None, dataset: str, job_id: str) -> str:
-    """The key of a stored image in ``storage`` from its recorded URI (or the standard key when none)."""
-    if uri is None:
-        return object_key(storage.prefix, dataset, job_id)
-    parts = urlsplit(uri)
-    if isinstance(storage, S3Storage) and parts.scheme == "s3":
-        if parts.netloc != storage.bucket:
-            raise StorageError(f"{uri} is in bucket {parts.netloc!r}, but the farm storage is {storage.describe()}")
-        return unquote(parts.path.lstrip("/"))
-    if isinstance(storage, LocalStorage) and parts.scheme == "file":
-        path = Path(unquote(parts.path))
-        if not path.is_relative_to(storage.root):
-            raise StorageError(f"{uri} is outside the farm storage, {storage.describe()}")
-        return path.relative_to(storage.root).as_posix()
-    raise StorageError(f"{uri} is not in the farm storage, {storage.describe()}")
-
-
 def _fetch(storage: Storage, dataset: str, row: dict[str, Any]) -> bytes:
     """A job's image, checked against the SHA-256 recorded when it was rendered."""
-    data = storage.get(_key_of(storage, row["uri"], dataset, row["job_id"]))
-    if row["sha256"] and hashlib.sha256(data).hexdigest() != row["sha256"]:
-        raise StorageError(f"the image of job {row['job_id']} at {row['uri']} does not match its recorded sha256")
-    return data
+    uri = row["uri"] or storage.uri_for(object_key(storage.prefix, dataset, row["job_id"]))
+    return storage.read_verified(uri, row["sha256"], what=f"the image of job {row['job_id']}")
 
 
 def _with_images(
@@ -224,27 +180,7 @@ def _write_parquet(rows: Iterable[dict[str, Any]], path: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            ("job_id", pa.string()),
-            ("prompt", pa.string()),
-            ("seed", pa.int64()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("num_inference_steps", pa.int32()),
-            ("guidance_scale", pa.float64()),
-            ("model", pa.string()),
-            ("controlnet", pa.string()),
-            ("conditioning_scale", pa.float64()),
-            ("quantize", pa.string()),
-            ("uri", pa.string()),
-            ("sha256", pa.string()),
-            ("bytes", pa.int64()),
-            ("worker", pa.string()),
-            ("render_seconds", pa.float64()),
-            ("finished_at", pa.string()),
-        ]
-    )
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _KINDS.items()])
     count = 0
     with pq.ParquetWriter(path, schema) as writer:
         for chunk in _chunks(rows, _DB_CHUNK):
@@ -426,30 +362,14 @@ def job_output_uri(engine: Engine, job_id: str) -> str:
 
 
 def presigned_url(storage: Storage, uri: str, expires_s: int = 3600) -> str:
-    """An HTTP(S) URL anyone can GET for ``expires_s`` seconds, for an S3 object.
+    """An HTTP(S) URL anyone can GET for ``expires_s`` seconds, for an object in the farm's storage.
 
     For local storage there is nothing to sign: the ``file://`` URI itself is returned, which only works on
     the machine (or shared filesystem) holding the folder.
     """
     if expires_s < 1:
         raise ValueError(f"expires_s must be at least 1, got {expires_s}")
-    parts = urlsplit(uri)
-    if parts.scheme == "file":
-        return uri
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ValueError(f"cannot make a URL for {uri!r}: not an s3:// or file:// URI")
-    if not isinstance(storage, S3Storage):
-        raise StorageError(f"{uri} is in S3 but the farm storage is {storage.describe()}")
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    key = unquote(parts.path.lstrip("/"))
-    try:
-        url: str = storage._client.generate_presigned_url(
-            "get_object", Params={"Bucket": parts.netloc, "Key": key}, ExpiresIn=expires_s
-        )
-    except (ClientError, BotoCoreError) as exc:
-        storage._fail(exc, "signing a URL for", key)
-    return url
+    return storage.presign(storage.key_for_uri(uri), expires_s)
 
 
 def describe_files(files: Sequence[str]) -> str:

@@ -6,7 +6,6 @@ against the sha256 recorded when it was stored, so a preview never shows a corru
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import math
@@ -122,13 +121,8 @@ def make_preview(
 
 
 def _fetch(storage: Storage, dataset: str, item: PreviewImage) -> bytes:
-    key = object_key(storage.prefix, dataset, item.job_id)
-    if item.output_uri and storage.uri_for(key) != item.output_uri:
-        raise StorageError(f"stored at {item.output_uri}, not in the configured storage ({storage.describe()})")
-    data = storage.get(key)
-    if hashlib.sha256(data).hexdigest() != item.sha256:
-        raise StorageError(f"{item.output_uri} does not match its recorded sha256")
-    return data
+    uri = item.output_uri or storage.uri_for(object_key(storage.prefix, dataset, item.job_id))
+    return storage.read_verified(uri, item.sha256, what=f"the image of job {item.job_id}")
 
 
 def contact_sheet(items: list[tuple[PreviewImage, Image.Image]], *, columns: int, thumb_px: int) -> Image.Image:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from farm.errors import ConfigError
-from farm.settings import redact
+from farm.secrets import redact
 
 
 def normalize_url(url: str) -> str:

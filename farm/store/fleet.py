@@ -1,22 +1,16 @@
-"""The fleet: worker heartbeats in the job store (`farm workers`) and pool settings from farm.toml."""
+"""The fleet: worker heartbeats in the job store, and what `farm workers` shows of them."""
 
 from __future__ import annotations
 
 import json
-import os
-import tomllib
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from farm.errors import ConfigError
-from farm.settings import _config_path
 from farm.store.schema import Worker, utcnow
 
 # A worker beats every lease_s / 3; three missed beats make it stale.
@@ -101,62 +95,3 @@ def list_workers(engine: Engine, *, beat_s: float, include_stopped: bool = False
                 )
             )
     return sorted(infos, key=lambda w: ({"alive": 0, "stale": 1, "stopped": 2}[w.state], w.pool or "", w.name))
-
-
-# `[pools.NAME]` keys in farm.toml: the `farm worker` options each one sets, then what the pool can serve
-# (farm/routing.py; a missing key means "any").
-POOL_KEYS: dict[str, type] = {
-    "device": str,
-    "dtype": str,
-    "queue": str,
-    "max_batch": int,
-    "io_threads": int,
-    "low_memory": bool,
-    "metrics_port": int,
-    "models": list,
-    "controlnets": list,
-    "max_pixels": int,
-    "quantize": list,
-}
-
-
-def load_pools(env: Mapping[str, str] | None = None, config_file: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Every `[pools.NAME]` table of farm.toml (or FARM_CONFIG), validated; empty without pools."""
-    path = config_file or _config_path(os.environ if env is None else env)
-    if path is None:
-        return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read pools: {exc}") from exc
-    pools = data.get("pools", data.get("farm", {}).get("pools", {}))
-    if not isinstance(pools, dict):
-        raise ConfigError(f"{path}: [pools] must hold tables like [pools.NAME]")
-    for name, options in pools.items():
-        _check_pool(path, name, options)
-    return pools
-
-
-def load_pool(name: str, env: Mapping[str, str] | None = None, config_file: Path | None = None) -> dict[str, Any]:
-    """The options of pool NAME (`farm worker --pool NAME`), from `[pools.NAME]` in farm.toml."""
-    path = config_file or _config_path(os.environ if env is None else env)
-    if path is None:
-        raise ConfigError(f"pool {name!r}: no farm.toml here (or FARM_CONFIG) to read [pools.{name}] from")
-    pools = load_pools(env, path)
-    if name not in pools:
-        known = ", ".join(sorted(pools)) or "none"
-        raise ConfigError(f"{path}: no [pools.{name}] table (pools configured: {known})")
-    return dict(pools[name])
-
-
-def _check_pool(path: Path, name: str, options: Any) -> None:
-    if not isinstance(options, dict):
-        raise ConfigError(f"{path}: [pools.{name}] must be a table")
-    for key, value in options.items():
-        kind = POOL_KEYS.get(key)
-        if kind is None:
-            raise ConfigError(f"{path}: [pools.{name}] unknown key {key!r} (allowed: {', '.join(POOL_KEYS)})")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: [pools.{name}] {key} must be {kind.__name__}, got {value!r}")
-        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{path}: [pools.{name}] {key} must be a list of strings, got {value!r}")

@@ -10,47 +10,13 @@ from datetime import timedelta
 from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection
 
+from farm.job import CLAIMED_FIELDS, Claimed
 from farm.storage import StoredObject
 from farm.store.schema import UNFINISHED, Dataset, Job, JobStatus, utcnow
 
 # SQLite allows 32766 bound parameters; stay far below for IN lists.
 _CHUNK = 5000
 _ERROR_MAX_CHARS = 4000
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A job this worker now owns, with everything needed to render it."""
-
-    id: str
-    dataset_id: int
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    model: str
-    attempts: int
-    controlnet: str | None = None
-    conditioning_scale: float | None = None
-    control_sha256: str | None = None
-    control_uri: str | None = None
-    quantize: str | None = None
-
-    @property
-    def render_group(self) -> tuple[object, ...]:
-        """Jobs with equal groups can share one pipeline call."""
-        return (
-            self.model,
-            self.width,
-            self.height,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.controlnet,
-            self.conditioning_scale,
-            self.quantize,
-        )
 
 
 def _id_in(conn: Connection, job_ids: Sequence[str]) -> ColumnElement[bool]:
@@ -102,23 +68,7 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
             started_at=now,
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
-        .returning(
-            Job.id,
-            Job.dataset_id,
-            Job.prompt,
-            Job.seed,
-            Job.width,
-            Job.height,
-            Job.num_inference_steps,
-            Job.guidance_scale,
-            Job.model,
-            Job.attempts,
-            Job.controlnet,
-            Job.conditioning_scale,
-            Job.control_sha256,
-            Job.control_uri,
-            Job.quantize,
-        )
+        .returning(*(Job.__table__.c[name] for name in CLAIMED_FIELDS))
     )
     order = {job_id: i for i, job_id in enumerate(job_ids)}
     rows = sorted(result.all(), key=lambda r: order[r.id])

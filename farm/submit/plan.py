@@ -1,7 +1,6 @@
-"""Submitting: validate every row of a prompt file, then record the dataset and its jobs in one transaction.
+"""Planning a submission: check the options, read every row, expand each into jobs with their seeds and ids.
 
-submit_file and submit_plan are what `farm submit` and farm.Client both call: plan, print the job count,
-store condition images, record, dispatch.
+Nothing is written here: a Plan is what farm/submit/record.py records once every row has passed.
 """
 
 from __future__ import annotations
@@ -9,62 +8,21 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import Column, MetaData, Table, insert, select, true
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from typing import Any
 
 from farm.errors import InvalidSubmission
+from farm.job import JobSpec
 from farm.profiles import resolve_controlnet, resolve_model
 from farm.storage import Storage
-from farm.store.schema import Dataset, Job, JobStatus, utcnow
 from farm.submit.conditions import ConditionImage, ConditionImages, store_condition
-from farm.submit.fields import (  # the limits are re-exported: callers have always found them here
-    CONDITIONING_SCALE_RANGE,
-    GUIDANCE_RANGE,
-    IMAGES_PER_PROMPT_RANGE,
-    MAX_PROMPT_CHARS,
-    MAX_SEED,
-    OPTIONS,
-    SIZE_MULTIPLE,
-    SIZE_RANGE,
-    STEPS_RANGE,
-    check_field,
-    field_error,
-)
+from farm.submit.fields import MAX_SEED, OPTIONS, check_field, field_error
 from farm.submit.grid import Axis, parse_grid, variations
 from farm.submit.inputs import Row, read_rows
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = [
-    "CONDITIONING_SCALE_RANGE",
-    "GUIDANCE_RANGE",
-    "IMAGES_PER_PROMPT_RANGE",
-    "MAX_PROMPT_CHARS",
-    "MAX_SEED",
-    "SIZE_MULTIPLE",
-    "SIZE_RANGE",
-    "STEPS_RANGE",
-    "JobSpec",
-    "Plan",
-    "Recorded",
-    "SubmitOptions",
-    "derive_seed",
-    "plan_rows",
-    "plan_submission",
-    "record",
-    "store_conditions",
-    "validate_dataset_name",
-]
-
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_INSERT_CHUNK = 5_000
 QUANTIZE_CHOICES = ("none", "int8")
 
 
@@ -88,39 +46,6 @@ class SubmitOptions:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """One image, fully determined: its id is a hash of the dataset and all of these fields but the line and URI."""
-
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    model: str
-    source_line: int
-    controlnet: str | None = None
-    conditioning_scale: float | None = None
-    control_sha256: str | None = None
-    control_uri: str | None = None  # set by store_conditions; derived from control_sha256, so not hashed
-    quantize: str | None = None
-
-    def job_id(self, dataset: str) -> str:
-        """Deterministic: the same image asked for twice in a dataset is one job."""
-        # Unambiguous without JSON: the prompt is length-prefixed, and no other field can hold a NUL.
-        key = (
-            f"{dataset}\0{len(self.prompt)}:{self.prompt}\0{self.seed}\0{self.width}\0{self.height}\0"
-            f"{self.num_inference_steps}\0{float(self.guidance_scale)!r}\0{self.model}"
-        )
-        extras = (self.controlnet, self.conditioning_scale, self.control_sha256, self.quantize)
-        # Appended only when set, so a plain job keeps the id it had before these fields existed.
-        if any(value is not None for value in extras):
-            scale = "" if self.conditioning_scale is None else repr(float(self.conditioning_scale))
-            key += f"\0control\0{self.controlnet or ''}\0{scale}\0{self.control_sha256 or ''}\0{self.quantize or ''}"
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
 class Plan:
     """A validated submission, not yet written."""
 
@@ -138,16 +63,6 @@ class Plan:
     def planned(self) -> int:
         """Jobs the rows expand to, duplicates included."""
         return len(self.specs) + self.duplicates
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What a submission wrote."""
-
-    dataset_id: int
-    dataset: str
-    new_jobs: int
-    already_present: int
 
 
 def validate_dataset_name(name: str) -> str:
@@ -257,109 +172,6 @@ def derive_seed(base_seed: int, prompt: str, occurrence: int, index: int) -> int
     """
     digest = hashlib.sha256(f"{base_seed}\0{prompt}\0{occurrence}\0{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & MAX_SEED
-
-
-def record(engine: Engine, plan: Plan) -> Recorded:
-    """One transaction: the dataset (created if new) and every job as pending; existing ids are skipped.
-
-    Rows are staged in a temporary table (COPY on PostgreSQL) and moved with one INSERT … SELECT … ON
-    CONFLICT DO NOTHING, whose row count is exactly the number of new jobs, even with concurrent submits.
-    """
-    unstored = next((s for s in plan.specs if s.control_sha256 is not None and s.control_uri is None), None)
-    if unstored is not None:
-        raise ValueError(
-            f"line {unstored.source_line}: condition {unstored.control_sha256} is not stored; "
-            "call store_conditions(plan, storage) before record"
-        )
-    now = utcnow()
-    with engine.begin() as conn:
-        dataset_id = _dataset_id(conn, plan.dataset)
-        staging = _staging_table()
-        staging.create(conn)
-        try:
-            rows = (
-                {
-                    **asdict(spec),
-                    "id": job_id,
-                    "dataset_id": dataset_id,
-                    "status": JobStatus.PENDING.value,
-                    "attempts": 0,
-                    "created_at": now,
-                }
-                for spec, job_id in zip(plan.specs, plan.ids, strict=True)
-            )
-            _stage(conn, staging, rows)
-            columns = [c.name for c in staging.columns]
-            moved = select(*staging.columns).where(true())  # `WHERE true` lets SQLite parse ON CONFLICT
-            # rowcount of an INSERT is only kept when asked for (SQLAlchemy 2: preserve_rowcount).
-            stmt = _insert_ignoring_conflicts(conn).from_select(columns, moved)
-            added = conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount
-        finally:
-            staging.drop(conn)
-    return Recorded(dataset_id, plan.dataset, added, len(plan.specs) - added)
-
-
-_STAGED_COLUMNS = (
-    "id",
-    "dataset_id",
-    "source_line",
-    "prompt",
-    "seed",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "model",
-    "controlnet",
-    "conditioning_scale",
-    "control_sha256",
-    "control_uri",
-    "quantize",
-    "status",
-    "attempts",
-    "created_at",
-)
-
-
-def _staging_table() -> Table:
-    source = Job.__table__.c
-    columns = [Column(name, source[name].type, primary_key=name == "id") for name in _STAGED_COLUMNS]
-    return Table("incoming_jobs", MetaData(), *columns, prefixes=["TEMPORARY"])
-
-
-def _stage(conn: Connection, staging: Table, rows: Iterator[dict[str, Any]]) -> None:
-    if conn.dialect.name == "postgresql":
-        # COPY is several times faster than multi-row INSERTs for 100k rows.
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        with cursor.copy(f"COPY incoming_jobs ({', '.join(_STAGED_COLUMNS)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([row[name] for name in _STAGED_COLUMNS])
-        return
-    batch: list[dict[str, Any]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == _INSERT_CHUNK:
-            conn.execute(insert(staging), batch)
-            batch = []
-    if batch:
-        conn.execute(insert(staging), batch)
-
-
-def _dataset_id(conn: Connection, name: str) -> int:
-    found = conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar()
-    if found is not None:
-        return int(found)
-    conn.execute(_insert_ignoring_conflicts(conn, Dataset), {"name": name, "created_at": utcnow()})
-    return int(conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar_one())
-
-
-def _insert_ignoring_conflicts(conn: Connection, table: type[Any] = Job) -> Any:
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    return insert(table)
 
 
 def _check_defaults(defaults: dict[str, Any], seed: int) -> None:

@@ -17,7 +17,8 @@ from farm.errors import InvalidSubmission
 from farm.storage import storage_for
 from farm.store import transitions
 from farm.submit.inputs import NEGATIVE_PROMPT_NOTE
-from farm.submit.plan import Plan, SubmitOptions, plan_submission, record, store_conditions
+from farm.submit.plan import Plan, SubmitOptions, plan_submission, store_conditions
+from farm.submit.record import record
 
 if TYPE_CHECKING:
     from farm.dispatch.publish import Dispatched

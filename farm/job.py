@@ -1,0 +1,103 @@
+"""The job, defined once: the inputs that determine one image, its id, and which jobs can render together.
+
+Everything that handles a job's fields derives them from here: the columns a submit stages and records
+(farm/submit/record.py), what a claim returns (farm/store/transitions.py), the key dispatch groups pending jobs
+by (farm/dispatch/publish.py), the export row and its parquet schema (farm/outputs/export.py) and the
+Client's FinishedImage. tests/test_job.py checks each of them against these definitions and the jobs table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One image, fully determined: its id is a hash of the dataset and all of these fields but the line and URI."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    model: str
+    source_line: int | None
+    controlnet: str | None = None
+    conditioning_scale: float | None = None
+    control_sha256: str | None = None
+    control_uri: str | None = None  # set when the condition is stored; derived from control_sha256, so not hashed
+    quantize: str | None = None
+
+    def job_id(self, dataset: str) -> str:
+        """Deterministic: the same image asked for twice in a dataset is one job."""
+        # Unambiguous without JSON: the prompt is length-prefixed, and no other field can hold a NUL.
+        key = (
+            f"{dataset}\0{len(self.prompt)}:{self.prompt}\0{self.seed}\0{self.width}\0{self.height}\0"
+            f"{self.num_inference_steps}\0{float(self.guidance_scale)!r}\0{self.model}"
+        )
+        extras = (self.controlnet, self.conditioning_scale, self.control_sha256, self.quantize)
+        # Appended only when set, so a plain job keeps the id it had before these fields existed.
+        if any(value is not None for value in extras):
+            scale = "" if self.conditioning_scale is None else repr(float(self.conditioning_scale))
+            key += f"\0control\0{self.controlnet or ''}\0{scale}\0{self.control_sha256 or ''}\0{self.quantize or ''}"
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    @property
+    def render_group(self) -> tuple[object, ...]:
+        """Jobs with equal groups can share one pipeline call."""
+        return tuple(getattr(self, name) for name in RENDER_GROUP_FIELDS)
+
+
+# The job's inputs, in order: the jobs-table columns a submit writes and a claim reads back.
+INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(JobSpec))
+
+# What decides whether jobs can share one pipeline call: everything but the prompt, the seed and the condition
+# image itself (each image in a batch has its own prompt, generator and condition).
+RENDER_GROUP_FIELDS = (
+    "model",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+    "controlnet",
+    "conditioning_scale",
+    "quantize",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claimed(JobSpec):
+    """A job a worker now owns: its inputs, its row id and dataset, and which attempt this is."""
+
+    id: str
+    dataset_id: int
+    attempts: int
+
+
+# The columns a claim returns, in the order Claimed takes them.
+CLAIMED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Claimed))
+
+
+@dataclass(frozen=True)
+class ExportField:
+    """One column of every export format and the jobs column it is read from."""
+
+    name: str
+    source: str
+
+
+# Inputs that leave the farm with each image; the line, the condition's hash and its stored URI stay inside.
+EXPORTED_INPUTS = tuple(name for name in INPUT_FIELDS if name not in ("source_line", "control_sha256", "control_uri"))
+
+EXPORT_FIELDS: tuple[ExportField, ...] = (
+    ExportField("job_id", "id"),
+    *(ExportField(name, name) for name in EXPORTED_INPUTS),
+    ExportField("uri", "output_uri"),
+    ExportField("sha256", "sha256"),
+    ExportField("bytes", "bytes"),
+    ExportField("worker", "worker"),
+    ExportField("render_seconds", "render_ms"),  # milliseconds in the row, seconds in the export
+    ExportField("finished_at", "finished_at"),  # ISO 8601, UTC
+)
