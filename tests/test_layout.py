@@ -1,49 +1,170 @@
-"""The import rules of DESIGN.md: farm never imports workers, torch or diffusers; models knows no queues."""
+"""The floor plan's rules (docs/ARCHITECTURE.md), checked on the source itself.
+
+- The library (farm/ outside farm/cli/) never imports workers/, models/, benchmarks/, torch, diffusers or the
+  command line; farm/cli/ is the only part of farm/ that reaches workers/ and models/, and only inside command
+  functions.
+- models/ imports nothing of ours; workers/ never imports the command line or the benchmarks.
+- The wings (farm's sub-packages and top-level modules, workers, models, benchmarks) import each other without
+  a cycle.
+- `import farm.cli`, `farm submit` and `farm status` load no torch.
+"""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+OURS = ("farm", "workers", "models", "benchmarks")
+HEAVY = ("torch", "diffusers", "transformers", "bitsandbytes")
 
 
-def _top_level_imports(package: str) -> dict[str, set[str]]:
-    """Module → top-level packages it imports at module level (not inside functions)."""
-    found: dict[str, set[str]] = {}
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module, e.g. farm.cli.worker
+    target: str  # what it imports, e.g. workers.main
+    top_level: bool  # at module level (not inside a function)
+    type_only: bool  # under `if TYPE_CHECKING:`
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(package: str) -> list[Import]:
+    found: list[Import] = []
     for path in sorted((REPO / package).rglob("*.py")):
-        names: set[str] = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(REPO))] = names
+        module = _module_name(path)
+
+        def visit(node: ast.AST, in_function: bool, type_only: bool, module: str = module) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                    visit(child, True, type_only)
+                elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                    visit(child, in_function, True)
+                elif isinstance(child, ast.Import):
+                    found.extend(Import(module, a.name, not in_function, type_only) for a in child.names)
+                elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                    targets = [child.module, *(f"{child.module}.{a.name}" for a in child.names)]
+                    found.extend(Import(module, t, not in_function, type_only) for t in targets)
+                else:
+                    visit(child, in_function, type_only)
+
+        visit(ast.parse(path.read_text(encoding="utf-8")), False, False)
     return found
 
 
-def test_farm_modules_never_import_workers_models_torch_or_diffusers_at_module_level() -> None:
-    heavy = {"workers", "models", "torch", "diffusers", "transformers"}
-    offenders = {m: names & heavy for m, names in _top_level_imports("farm").items() if names & heavy}
-    assert offenders == {}
+def _root(name: str) -> str:
+    return name.split(".")[0]
 
 
-def test_models_know_nothing_of_queues_databases_or_storage() -> None:
-    banned = {"celery", "kombu", "sqlalchemy", "boto3", "botocore", "farm", "workers", "redis"}
-    offenders = {m: names & banned for m, names in _top_level_imports("models").items() if names & banned}
-    assert offenders == {}
+def _is_cli(module: str) -> bool:
+    return module == "farm.__main__" or module == "farm.cli" or module.startswith("farm.cli.")
 
 
-def test_farm_submit_and_status_start_without_loading_torch(tmp_path: Path) -> None:
+def test_the_library_never_imports_workers_models_torch_or_the_command_line() -> None:
+    banned = {"workers", "models", "benchmarks", *HEAVY}
+    offenders = sorted(
+        f"{i.module} imports {i.target}"
+        for i in _imports("farm")
+        if not _is_cli(i.module) and (_root(i.target) in banned or _is_cli(i.target))
+    )
+    assert offenders == []
+
+
+def test_the_command_line_reaches_workers_and_models_only_inside_command_functions() -> None:
+    heavy = {"workers", "models", "benchmarks", *HEAVY}
+    cli_imports = [i for i in _imports("farm") if _is_cli(i.module)]
+    assert any(_root(i.target) == "workers" for i in cli_imports)  # the rule has something to check
+    offenders = sorted(
+        f"{i.module} imports {i.target}" for i in cli_imports if i.top_level and _root(i.target) in heavy
+    )
+    assert offenders == []
+
+
+def test_models_import_nothing_of_ours_nor_queues_databases_or_storage() -> None:
+    banned = {"farm", "workers", "benchmarks", "celery", "kombu", "sqlalchemy", "boto3", "botocore", "redis"}
+    offenders = sorted(f"{i.module} imports {i.target}" for i in _imports("models") if _root(i.target) in banned)
+    assert offenders == []
+
+
+def test_workers_never_import_the_command_line_or_the_benchmarks() -> None:
+    offenders = sorted(
+        f"{i.module} imports {i.target}"
+        for i in _imports("workers")
+        if _is_cli(i.target) or _root(i.target) == "benchmarks"
+    )
+    assert offenders == []
+
+
+def _wing(name: str) -> str:
+    """farm.store.transitions → farm.store; farm.settings → farm.settings; workers.tasks → workers."""
+    parts = name.split(".")
+    if parts[0] != "farm" or len(parts) == 1:
+        return parts[0]
+    return f"farm.{parts[1]}"
+
+
+def _wing_graph() -> dict[str, set[str]]:
+    known = {_wing(_module_name(p)) for package in OURS for p in (REPO / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for package in OURS:
+        for i in _imports(package):
+            source, target = _wing(i.module), _wing(i.target)
+            if i.type_only or source == target or target not in known or source == "farm":
+                continue  # farm/__init__.py only loads farm.client lazily, for `from farm import Client`
+            graph.setdefault(source, set()).add(target)
+    return graph
+
+
+def test_the_wings_import_each_other_without_a_cycle() -> None:
+    graph = _wing_graph()
+    assert {"farm.cli", "farm.store", "farm.submit", "farm.dispatch", "farm.storage", "farm.outputs"} <= set(graph)
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycle = [*path[path.index(nxt) :], nxt]
+                raise AssertionError(f"import cycle between wings: {' → '.join(cycle)}")
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_import_cli_submit_and_status_load_no_torch(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na lighthouse\n")
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from farm.cli import main\n"
-        f"r = CliRunner().invoke(main, ['--home', {str(tmp_path)!r}, 'status'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "print(sorted(m for m in ('torch', 'diffusers', 'workers', 'models') if m in sys.modules))\n"
+        "import farm.cli\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'workers', 'models', 'benchmarks')\n"
+        "loaded = [sorted(m for m in heavy if m in sys.modules)]\n"
+        "home = sys.argv[1]\n"
+        "for args in (['submit', sys.argv[2], '--dataset', 'layout', '--no-dispatch'], ['status']):\n"
+        "    r = CliRunner().invoke(farm.cli.main, ['--home', home, *args])\n"
+        "    assert r.exit_code == 0, r.output\n"
+        "    loaded.append(sorted(m for m in heavy if m in sys.modules))\n"
+        "print(loaded)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    assert result.stdout.strip() == "[]"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "home"), str(prompts)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert result.stdout.strip() == "[[], [], []]"

@@ -1,4 +1,5 @@
 """`farm doctor`: check the database, broker, storage, models and CUDA, and say in plain words what is wrong.
+`farm config`: the effective settings.
 
 Every line it prints goes through `scrub`, which masks URL passwords and the values of secret variables,
 so the report can be pasted into an issue as it is.
@@ -14,6 +15,9 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import click
+
+from farm.cli.common import settings_of
 from farm.secrets import redact
 from farm.settings import Settings
 
@@ -283,3 +287,29 @@ def _host_port(url: str) -> str:
         return f"{parts.hostname or 'localhost'}:{parts.port}" if parts.port else parts.hostname or "localhost"
     except ValueError:
         return "the configured host"
+
+
+@click.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check the database, broker, storage, models and CUDA; exit 1 if any check fails. Prints no secret."""
+    from farm.secrets import scrub, secrets_of
+
+    settings = settings_of(ctx)
+    hidden = secrets_of(settings)
+    results = run_checks(settings)
+    for check in results:
+        click.echo(scrub(check.line(), hidden=hidden))
+    failed = [check.name for check in results if check.level is Level.FAIL]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")
+        ctx.exit(1)
+    click.echo("the farm can run here")
+
+
+@click.command("config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Print the effective settings, secrets masked."""
+    for key, value in settings_of(ctx).describe().items():
+        click.echo(f"{key} = {value}")

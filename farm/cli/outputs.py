@@ -1,6 +1,8 @@
-"""`farm export` and `farm url`: getting a dataset, or one image, out of the farm."""
+"""`farm export`, `farm url` and `farm preview`: getting a dataset, one image, or a look at it out of the farm."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -94,3 +96,40 @@ def url(ctx: click.Context, job: str, expires_s: int) -> None:
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(link)
+
+
+@click.command()
+@click.argument("dataset")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder to write the contact sheet and gallery to (default ./DATASET-preview).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=64, show_default=True, help="At most this many images.")
+@click.option("--columns", type=click.IntRange(min=1), default=8, show_default=True, help="Thumbnails per row.")
+@click.option(
+    "--thumb",
+    type=click.IntRange(min=16, max=1024),
+    default=128,
+    show_default=True,
+    help="Thumbnail size in pixels (the longer side).",
+)
+@click.pass_context
+def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, columns: int, thumb: int) -> None:
+    """Write a contact sheet PNG and an HTML gallery of a dataset's finished images."""
+    from farm.outputs.preview import make_preview
+    from farm.storage import storage_for
+    from farm.store.engine import open_store
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        storage = storage_for(settings)
+        target = out or Path(f"{dataset}-preview")
+        result = make_preview(engine, storage, dataset, target, limit=limit, columns=columns, thumb_px=thumb)
+    for reason in result.skipped:
+        click.echo(f"skipped {reason}", err=True)
+    click.echo(f"{len(result.images)} images")
+    click.echo(f"contact sheet: {result.contact_sheet.resolve()}")
+    click.echo(f"gallery: {result.gallery.resolve()}")

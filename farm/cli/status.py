@@ -1,0 +1,81 @@
+"""`farm status` and `farm jobs`: where a dataset stands, read from the database only."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from farm.cli.common import errors, settings_of
+from farm.store.schema import JobStatus
+
+
+@click.command()
+@click.argument("dataset", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with a `counts` map, for scripts.")
+@click.option("--watch", is_flag=True, help="Redraw progress bars (one per dataset) until they are finished.")
+@click.option("--interval-s", type=float, default=1.0, show_default=True, help="Seconds between redraws.")
+@click.pass_context
+def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
+    """Counts per state, images/s and ETA, for one dataset or all."""
+    from farm.store.engine import open_store
+    from farm.store.queries import all_statuses, dataset_status, pool_progress
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        if watch:
+            from farm.cli.watch import watch_datasets
+
+            # One bar per dataset: the named one, or every dataset unfinished when the watch starts.
+            names = [dataset] if dataset else [s.name for s in all_statuses(engine) if not s.done]
+
+            def read() -> list[Any]:
+                return [dataset_status(engine, name) for name in names]
+
+            def read_pools() -> list[Any]:
+                return pool_progress(engine, names, beat_s=settings.lease_s / 3)
+
+            _print_statuses(watch_datasets(read, interval_s=interval_s, read_pools=read_pools), as_json)
+            return
+        statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
+        _print_statuses(statuses, as_json)
+
+
+def _print_statuses(statuses: list[Any], as_json: bool) -> None:
+    if as_json:
+        payload = statuses[0].as_dict() if len(statuses) == 1 else [s.as_dict() for s in statuses]
+        click.echo(json.dumps(payload))
+        return
+    if not statuses:
+        click.echo("no datasets yet: `farm submit FILE --dataset NAME`")
+    for s in statuses:
+        counts = "  ".join(f"{state} {s.counts[state.value]}" for state in JobStatus)
+        eta = "-" if s.eta_s is None else f"{s.eta_s:.0f} s"
+        click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
+        for reason, n in s.unroutable.items():
+            click.echo(f"  unroutable {n}: {reason}")
+
+
+@click.command()
+@click.argument("dataset")
+@click.option("--state", type=click.Choice([s.value for s in JobStatus]), default=None, help="Only jobs in this state.")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_json: bool) -> None:
+    """List a dataset's jobs with their state, attempts, output and error."""
+    from farm.store.engine import open_store
+    from farm.store.queries import list_jobs
+
+    with errors():
+        rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, limit=limit)
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row.__dict__))
+            continue
+        tail = row.error if row.error else (row.output_uri or "")
+        click.echo(
+            f"{row.id}  {row.status:<9} attempts={row.attempts}  line {row.source_line}  seed {row.seed}  {tail}"
+        )

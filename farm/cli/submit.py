@@ -1,0 +1,163 @@
+"""`farm submit`, `farm dispatch`, `farm reap`: putting jobs into the farm and sending them to workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from farm.cli.common import dispatch_or_warn, errors, exit_broker_down, settings_of
+from farm.errors import BrokerUnavailable
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, help="Dataset name (letters, digits, '.', '_', '-').")
+@click.option("--model", default=None, help="Profile name (tiny, pixart-lcm-1024), local folder or hub id.")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the model's size).")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the model's size).")
+@click.option(
+    "--steps",
+    "num_inference_steps",
+    type=int,
+    default=4,
+    show_default=True,
+    help="LCM denoising steps (num_inference_steps).",
+)
+@click.option(
+    "--guidance-scale",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Classifier-free guidance; 0 for the LCM model, which has guidance distilled in.",
+)
+@click.option("--images-per-prompt", type=int, default=1, show_default=True, help="Images (seeds) per prompt.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Base seed; every image gets its own seed derived from it, stored on the job.",
+)
+@click.option(
+    "--control-image",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Condition image (edge map) for rows without their own control_image field; needs --controlnet.",
+)
+@click.option(
+    "--controlnet",
+    default=None,
+    help="ControlNet adapter: profile (pixart-hed-controlnet, tiny-controlnet), diffusers folder, "
+    ".pth/.safetensors checkpoint or hub id.",
+)
+@click.option(
+    "--conditioning-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Strength of the control (0-2) for rows without their own conditioning_scale.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    show_default=True,
+    help="int8: 8-bit T5 (and transformer on CUDA) through bitsandbytes, for low GPU memory.",
+)
+@click.option(
+    "--vary",
+    multiple=True,
+    metavar="AXIS=VALUES",
+    help="Grid axis, repeatable; every prompt is rendered for each combination. Axes: seed (0..7 or 1,5,9), "
+    "size (1024x1024,768x1344), steps (2..4), guidance_scale and conditioning_scale (comma lists).",
+)
+@click.option("--dry-run", is_flag=True, help="Validate and show the plan; write nothing, send nothing.")
+@click.option("--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them.")
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=None,
+    help="Dataset priority, 0-9, higher first (default 0; given again, it changes for jobs not yet sent).",
+)
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    file: Path,
+    dataset: str,
+    model: str | None,
+    width: int | None,
+    height: int | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    images_per_prompt: int,
+    seed: int,
+    control_image: Path | None,
+    controlnet: str | None,
+    conditioning_scale: float,
+    quantize: str,
+    vary: tuple[str, ...],
+    dry_run: bool,
+    no_dispatch: bool,
+    priority: int | None,
+) -> None:
+    """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
+    from farm.submit.plan import SubmitOptions
+    from farm.submit.run import submit_file
+
+    settings = settings_of(ctx)
+    with errors():
+        options = SubmitOptions(
+            dataset=dataset,
+            model=model or settings.default_model,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            images_per_prompt=images_per_prompt,
+            seed=seed,
+            control_image=control_image,
+            controlnet=controlnet,
+            conditioning_scale=conditioning_scale,
+            quantize=None if quantize == "none" else quantize,
+            vary=vary,
+        )
+        try:
+            submit_file(
+                settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo, priority=priority
+            )
+        except BrokerUnavailable as exc:
+            exit_broker_down(exc)
+        if no_dispatch and not dry_run:
+            click.echo("not dispatched (--no-dispatch): run `farm dispatch` to send them")
+
+
+@click.command()
+@click.option("--dataset", default=None, help="Only this dataset (default: every dataset).")
+@click.pass_context
+def dispatch(ctx: click.Context, dataset: str | None) -> None:
+    """Publish pending jobs to the broker (after a broker outage, or a --no-dispatch submit)."""
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        ds_id = dataset_id(engine, dataset) if dataset else None
+        dispatch_or_warn(settings, engine, ds_id)
+
+
+@click.command()
+@click.pass_context
+def reap(ctx: click.Context) -> None:
+    """Return jobs whose worker died (lease expired) to the queue, or fail them after the last attempt."""
+    from farm.store.engine import open_store
+    from farm.store.transitions import reap_expired
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        with engine.begin() as conn:
+            reaped = reap_expired(conn, max_attempts=settings.max_attempts)
+        click.echo(f"reaped {len(reaped.requeued)} jobs back to the queue, {len(reaped.failed)} failed")
+        dispatch_or_warn(settings, engine, None)

@@ -1,0 +1,127 @@
+"""`farm worker` and `farm workers`: run one render worker, and see the fleet."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from farm.cli.common import errors, settings_of
+from farm.settings import with_overrides
+
+
+@click.command()
+@click.option(
+    "--pool", default=None, help="Take this worker's options from [pools.NAME] in farm.toml (options given here win)."
+)
+@click.option("--device", default=None, help="Device: auto, cpu, cuda or cuda:N (FARM_DEVICE).")
+@click.option("--dtype", default=None, help="auto, float16, bfloat16 or float32 (FARM_DTYPE).")
+@click.option("--queue", default=None, help="Broker queue to consume (FARM_QUEUE, default render).")
+@click.option("--name", default=None, help="Worker name (default host:pid).")
+@click.option("--torch-threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most images per pipeline call on this worker (default FARM_BATCH_SIZE); lower it to fit memory.",
+)
+@click.option(
+    "--io-threads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Threads that encode and upload PNGs while the next batch renders.",
+)
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="The 8 GB recipe: T5 in 8-bit, loaded only to encode new prompts and freed before rendering.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics on this port at /metrics (0: off).",
+)
+@click.option(
+    "--beat", is_flag=True, help="Also run the reaper on a schedule (start exactly one worker of the fleet with this)."
+)
+@click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    pool: str | None,
+    device: str | None,
+    dtype: str | None,
+    queue: str | None,
+    name: str | None,
+    torch_threads: int | None,
+    max_batch: int | None,
+    io_threads: int,
+    low_memory: bool,
+    metrics_port: int,
+    beat: bool,
+    loglevel: str,
+) -> None:
+    """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
+    with errors():
+        if pool:
+            # A pool's values fill in every option not given on the command line.
+            given = {
+                k: v
+                for k, v in ctx.params.items()
+                if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT
+            }
+            merged = {**ctx.params, **settings_of(ctx).pool(pool), **given}
+            device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
+            max_batch, io_threads = merged["max_batch"], merged["io_threads"]
+            low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
+            if queue is None:  # a pool consumes its own queue, where dispatch routes the jobs it serves
+                from farm.dispatch.routing import PoolSpec
+
+                queue = PoolSpec.from_options(pool, merged).queue
+        settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
+        from farm.store.engine import open_store
+
+        open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
+        # Imported here, not at the top: farm's own modules never import workers, torch or diffusers.
+        from workers.main import run_worker
+
+        run_worker(
+            settings,
+            name=name,
+            loglevel=loglevel,
+            torch_threads=torch_threads,
+            max_batch=max_batch,
+            io_threads=io_threads,
+            low_memory=low_memory,
+            beat=beat,
+            metrics_port=metrics_port,
+            pool=pool,
+        )
+
+
+@click.command("workers")
+@click.option("--all", "show_all", is_flag=True, help="Include workers that stopped cleanly.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker.")
+@click.pass_context
+def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """The fleet: each worker's pool, device, state (alive or stale), jobs, images/s and what it has loaded."""
+    from farm.store.engine import open_store
+    from farm.store.fleet import list_workers
+
+    settings = settings_of(ctx)
+    with errors():
+        rows = list_workers(open_store(settings), beat_s=settings.lease_s / 3, include_stopped=show_all)
+    for w in rows:
+        if as_json:
+            click.echo(json.dumps(w.as_dict()))
+            continue
+        memory = f" {w.device_memory_bytes / 2**30:.0f} GiB" if w.device_memory_bytes else ""
+        click.echo(
+            f"{w.name:<28} {w.state:<7} pool={w.pool or '-':<10} {w.device}{memory}  jobs={w.current_jobs}  "
+            f"{w.images_per_s:.2f} img/s  seen {w.last_seen_s:.0f} s ago  models={w.loaded.get('models', [])}"
+        )
+    if not rows and not as_json:
+        click.echo("no workers have reported yet: start one with `farm worker`")
