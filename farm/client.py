@@ -20,7 +20,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import InvalidSubmission, StorageError
-from farm.job import INPUT_FIELDS
+from farm.job import INPUT_FIELDS, JobSpec
 from farm.settings import Settings, load_settings
 from farm.storage import Storage, storage_for
 from farm.store.queries import DatasetStatus, dataset_id, dataset_status
@@ -44,24 +44,13 @@ Prompts = Sequence[str] | Sequence[Mapping[str, Any]] | str | os.PathLike[str]
 Vary = Sequence[str] | Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class FinishedImage:
-    """One job of a dataset and, once it succeeded, its image in the farm's storage.
-
-    Its input fields are farm/job.py's JobSpec fields of the same names (tests/test_job.py checks them).
-    """
+@dataclass(frozen=True, kw_only=True)
+class FinishedImage(JobSpec):
+    """One job of a dataset: its inputs (farm/job.py's JobSpec) and, once it succeeded, its stored image."""
 
     job_id: str
     dataset: str
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    model: str
     state: str
-    source_line: int | None
     uri: str | None
     sha256: str | None
     bytes: int | None
@@ -80,10 +69,6 @@ class FinishedImage:
         image = Image.open(io.BytesIO(self.read_bytes()))
         image.load()
         return image
-
-
-# The job inputs a FinishedImage carries.
-IMAGE_INPUTS = tuple(name for name in INPUT_FIELDS if name in {f.name for f in fields(FinishedImage)})
 
 
 class Client:
@@ -177,7 +162,7 @@ class Client:
             raise ValueError(f"state must be one of {', '.join(s.value for s in JobStatus)} or None, got {state!r}")
         ds_id = dataset_id(self.engine, dataset)
         line = func.coalesce(Job.source_line, 0)
-        inputs = [Job.__table__.c[name] for name in IMAGE_INPUTS]
+        inputs = [Job.__table__.c[name] for name in INPUT_FIELDS]
         columns = (Job.id, Job.status, Job.output_uri, Job.sha256, Job.bytes, *inputs)
         after: tuple[int, str] | None = None
         while True:
@@ -190,7 +175,7 @@ class Client:
                 page = conn.execute(query).all()
             for row in page:
                 yield FinishedImage(
-                    **{name: getattr(row, name) for name in IMAGE_INPUTS},
+                    **{name: getattr(row, name) for name in INPUT_FIELDS},
                     job_id=row.id,
                     dataset=dataset,
                     state=row.status,

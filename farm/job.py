@@ -30,8 +30,8 @@ class JobSpec:
     control_uri: str | None = None  # set when the condition is stored; derived from control_sha256, so not hashed
     quantize: str | None = None
 
-    def job_id(self, dataset: str) -> str:
-        """Deterministic: the same image asked for twice in a dataset is one job."""
+    def id_in(self, dataset: str) -> str:
+        """The job's id in ``dataset``, deterministic: the same image asked for twice in a dataset is one job."""
         # Unambiguous without JSON: the prompt is length-prefixed, and no other field can hold a NUL.
         key = (
             f"{dataset}\0{len(self.prompt)}:{self.prompt}\0{self.seed}\0{self.width}\0{self.height}\0"

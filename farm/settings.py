@@ -195,7 +195,7 @@ def _as_float(name: str, value: Any) -> float:
 
 
 def _validate(s: Settings) -> None:
-    # Other PostgreSQL spellings are accepted and mapped to psycopg 3 by farm.db.normalize_url.
+    # Other PostgreSQL spellings are accepted and mapped to psycopg 3 by farm.store.engine.normalize_url.
     db_schemes = ("sqlite", "postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
     if urlsplit(s.database_url).scheme not in db_schemes:
         raise ConfigError(

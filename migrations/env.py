@@ -1,4 +1,4 @@
-"""Alembic environment: runs against the engine the farm hands over (farm.db.upgrade)."""
+"""Alembic environment: runs against the engine the farm hands over (farm.store.engine.upgrade)."""
 
 from __future__ import annotations
 

@@ -196,7 +196,7 @@ class PixArtControlNetTransformer(nn.Module):
         controlnet_cond: torch.Tensor | None = None,
         conditioning_scale: float | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """PixArtTransformer2DModel.forward plus the ControlNet-Transformer residuals (REFERENCE.md wiring)."""
+        """PixArtTransformer2DModel.forward plus the ControlNet-Transformer residuals, as PixArt-δ wires them."""
         base = self.transformer
         cond = self.controlnet_cond if controlnet_cond is None else controlnet_cond
         scale = self.conditioning_scale if conditioning_scale is None else conditioning_scale

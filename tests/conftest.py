@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import Engine
 
 from tests.support.s3 import S3Server
 
@@ -64,6 +65,17 @@ def pg_url() -> Iterator[str]:
     yield url
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    """A real SQLite job store under tmp_path, upgraded to the current schema by alembic."""
+    from farm.store.engine import ensure_schema, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(engine, auto_upgrade=True)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

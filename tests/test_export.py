@@ -1,4 +1,4 @@
-"""farm.export and `farm export` / `farm url`: every format read back by the library its users read it with.
+"""farm.outputs.export and `farm export` / `farm url`: every format read back by the library its users read it with.
 
 Real parts throughout: a SQLite job store at the current schema, LocalStorage or moto's S3 server over HTTP,
 real PNG bytes. Jobs are inserted already succeeded, so no workers are needed.

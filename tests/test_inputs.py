@@ -1,4 +1,4 @@
-"""farm.inputs: .txt, .jsonl, .csv and .parquet prompt files, and lists from Python, with errors naming the place."""
+"""farm.submit.inputs: .txt, .jsonl, .csv and .parquet prompt files and Python lists; errors name the place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""farm.status: counts per state, throughput and ETA, and job listings, read from a real SQLite store."""
+"""farm.store.queries: counts per state, throughput and ETA, and job listings, read from a real SQLite store."""
 
 from __future__ import annotations
 

@@ -224,7 +224,7 @@ def test_same_file_twice_gives_identical_specs(tmp_path: Path) -> None:
     options = SubmitOptions(dataset="d", images_per_prompt=2, seed=11)
     first, second = plan_submission(path, options), plan_submission(path, options)
     assert first.specs == second.specs
-    assert [s.job_id("d") for s in first.specs] == [s.job_id("d") for s in second.specs]
+    assert [s.id_in("d") for s in first.specs] == [s.id_in("d") for s in second.specs]
 
 
 def test_base_seed_changes_derived_seeds(tmp_path: Path) -> None:
@@ -272,10 +272,10 @@ def test_identical_rows_fold_into_one_job(tmp_path: Path) -> None:
 
 def test_job_id_depends_on_dataset_and_every_input() -> None:
     spec = JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", source_line=1)
-    base = spec.job_id("d")
+    base = spec.id_in("d")
     assert len(base) == 32
-    assert spec.job_id("other") != base
-    assert JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", source_line=99).job_id("d") == base  # line is not an input
+    assert spec.id_in("other") != base
+    assert JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", source_line=99).id_in("d") == base  # line is not an input
     for changed in (
         JobSpec("b", 1, 128, 128, 4, 0.0, "tiny", 1),
         JobSpec("a", 2, 128, 128, 4, 0.0, "tiny", 1),
@@ -285,9 +285,9 @@ def test_job_id_depends_on_dataset_and_every_input() -> None:
         JobSpec("a", 1, 128, 128, 4, 1.0, "tiny", 1),
         JobSpec("a", 1, 128, 128, 4, 0.0, "pixart-lcm-1024", 1),
     ):
-        assert changed.job_id("d") != base
+        assert changed.id_in("d") != base
     # 0 and 0.0 guidance are the same image
-    assert JobSpec("a", 1, 128, 128, 4, 0, "tiny", 1).job_id("d") == base  # type: ignore[arg-type]
+    assert JobSpec("a", 1, 128, 128, 4, 0, "tiny", 1).id_in("d") == base  # type: ignore[arg-type]
 
 
 # ---- recording --------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_record_writes_pending_jobs(engine: Engine, tmp_path: Path) -> None:
         rows = conn.execute(select(Job.id, Job.status, Job.attempts, Job.dataset_id, Job.prompt, Job.seed)).all()
         ds_id = conn.execute(select(Dataset.id).where(Dataset.name == "d")).scalar_one()
     assert recorded.dataset_id == ds_id
-    assert {r.id for r in rows} == {s.job_id("d") for s in plan.specs}
+    assert {r.id for r in rows} == {s.id_in("d") for s in plan.specs}
     assert {(r.status, r.attempts, r.dataset_id) for r in rows} == {(JobStatus.PENDING.value, 0, ds_id)}
     assert sorted((r.prompt, r.seed) for r in rows) == sorted((s.prompt, s.seed) for s in plan.specs)
 

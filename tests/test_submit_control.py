@@ -98,12 +98,12 @@ def _count(engine: Engine, table: Any) -> int:
 
 
 def test_plain_job_ids_are_unchanged() -> None:
-    # Regression guard: these ids were computed with farm.submit.JobSpec.job_id BEFORE the ControlNet and
+    # Regression guard: these ids were computed with JobSpec.job_id (now in farm/job.py) BEFORE the ControlNet and
     # quantize fields existed. Datasets recorded then must keep their ids; never update these constants.
-    assert JobSpec("a red fox in the snow", 1234, 128, 128, 4, 0.0, "tiny", 1).job_id("regress") == (
+    assert JobSpec("a red fox in the snow", 1234, 128, 128, 4, 0.0, "tiny", 1).id_in("regress") == (
         "4261b0f0d288fb9eeb0c436636e99768"
     )
-    assert JobSpec("héllo\nworld", 2**63 - 1, 1024, 512, 2, 4.5, "pixart-lcm-1024", 7).job_id("ds.1") == (
+    assert JobSpec("héllo\nworld", 2**63 - 1, 1024, 512, 2, 4.5, "pixart-lcm-1024", 7).id_in("ds.1") == (
         "87161b49b3b128069f0b1b0281d3a78c"
     )
 
@@ -114,17 +114,17 @@ def test_every_control_field_but_the_uri_changes_the_id() -> None:
         "a", 1, 128, 128, 4, 0.0, "tiny", 1, controlnet=CONTROLNET, conditioning_scale=1.0, control_sha256="0" * 64
     )
     ids = {
-        plain.job_id("d"),
-        controlled.job_id("d"),
-        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, quantize="int8").job_id("d"),
-        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, controlnet="other/net", conditioning_scale=1.0).job_id("d"),
-        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, controlnet=CONTROLNET, conditioning_scale=0.5).job_id("d"),
-        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, control_sha256="1" * 64).job_id("d"),
+        plain.id_in("d"),
+        controlled.id_in("d"),
+        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, quantize="int8").id_in("d"),
+        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, controlnet="other/net", conditioning_scale=1.0).id_in("d"),
+        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, controlnet=CONTROLNET, conditioning_scale=0.5).id_in("d"),
+        JobSpec("a", 1, 128, 128, 4, 0.0, "tiny", 1, control_sha256="1" * 64).id_in("d"),
     }
     assert len(ids) == 6
     # control_uri follows from the sha (and the storage), so it is not part of what the image is.
     stored = JobSpec(**{**controlled.__dict__, "control_uri": "s3://b/_conditions/x.png"})
-    assert stored.job_id("d") == controlled.job_id("d")
+    assert stored.id_in("d") == controlled.id_in("d")
 
 
 def test_different_control_images_give_different_job_ids(tmp_path: Path) -> None:

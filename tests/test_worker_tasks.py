@@ -34,7 +34,7 @@ def _submit(engine, tmp_path: Path, dataset: str, prompts: list[str], model: Pat
     path.write_text("\n".join(prompts))
     plan = plan_submission(path, SubmitOptions(dataset=dataset, model=str(model), width=64, height=64))
     record(engine, plan)
-    return [spec.job_id(dataset) for spec in plan.specs]
+    return [spec.id_in(dataset) for spec in plan.specs]
 
 
 def _rows(engine, ids: list[str]) -> dict[str, object]:  # type: ignore[no-untyped-def]

@@ -90,7 +90,7 @@ class PipelineCache:
 
 @dataclass
 class RenderCaches:
-    """The per-process caches around the pipelines (REFERENCE.md: encode once, reuse across seeds)."""
+    """The per-process caches around the pipelines (encode a prompt or condition once, reuse it across seeds)."""
 
     settings: Settings
     storage: Storage

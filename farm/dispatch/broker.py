@@ -26,7 +26,7 @@ class SQLBrokerTransport(sqla_transport.Transport):
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Settings that matter for long GPU tasks (DESIGN.md): JSON only, late acks, prefetch 1."""
+    """Settings that matter for long GPU tasks (docs/ARCHITECTURE.md): JSON only, late acks, prefetch 1."""
     broker_url, transport = settings.broker_url, None
     if broker_url.startswith("sqla+"):
         broker_url, transport = broker_url[len("sqla+") :], f"{__name__}:SQLBrokerTransport"

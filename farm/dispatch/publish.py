@@ -52,7 +52,7 @@ def dispatch_pending(
 
     Publish first, mark queued after: a worker may claim a job that is still pending, and a crash in
     between leaves jobs pending, which the next dispatch sends again (the guarded claim drops the repeat).
-    Jobs no live pool can serve stay pending with the reason recorded (farm/routing.py).
+    Jobs no live pool can serve stay pending with the reason recorded (farm/dispatch/routing.py).
     """
     router = router or Router.load(engine, settings)
     sent_jobs = sent_tasks = unroutable = 0

@@ -53,7 +53,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetime given to the job store; use farm.schema.utcnow()")
+            raise ValueError("naive datetime given to the job store; use farm.store.schema.utcnow()")
         return value.astimezone(UTC)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:

@@ -128,7 +128,7 @@ def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
     for row in rows:
         negative_prompts += _has_negative_prompt(row)
         for spec in _expand(row, setup.defaults, options.seed, setup.model, occurrences, control, grid):
-            job_id = spec.job_id(options.dataset)
+            job_id = spec.id_in(options.dataset)
             if job_id in seen:
                 duplicates += 1
                 continue

@@ -1,6 +1,6 @@
 """A whole submission, as `farm submit` and `farm.Client` run it: plan → store conditions → record → dispatch.
 
-farm/submit.py validates and records; this module strings the steps together and says what happened.
+plan.py validates and expands, record.py writes; this module strings the steps together and says what happened.
 """
 
 from __future__ import annotations

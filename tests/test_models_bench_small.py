@@ -1,4 +1,4 @@
-"""Tests for models.bench: the offline bench-small PixArtAlphaPipeline folder. No timing assertions."""
+"""Tests for models.bench_small: the offline bench-small PixArtAlphaPipeline folder. No timing assertions."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_folder_stays_small(bench_small_dir: Path) -> None:
 
 
 def test_config_sizes_match_the_module(bench_small_dir: Path) -> None:
-    """The saved configs carry the sizes models.bench declares."""
+    """The saved configs carry the sizes models.bench_small declares."""
     transformer = _config(bench_small_dir, "transformer")
     assert transformer["_class_name"] == "PixArtTransformer2DModel"
     assert transformer["sample_size"] == bench_small.BENCH_SMALL_LATENT_SIZE
