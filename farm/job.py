@@ -69,11 +69,17 @@ RENDER_GROUP_FIELDS = (
 
 @dataclass(frozen=True, kw_only=True)
 class Claimed(JobSpec):
-    """A job a worker now owns: its inputs, its row id and dataset, and which attempt this is."""
+    """A job a worker incarnation now owns: its inputs, its row id and dataset, and which attempt this is."""
 
     id: str
     dataset_id: int
-    attempts: int
+    attempts: int  # this attempt's number within the job's budget (reset by `farm retry`)
+    claim_seq: int  # the fencing token of this attempt: the job's claim count, never reset
+
+    @property
+    def held(self) -> tuple[str, int]:
+        """(job id, claim sequence): what a worker holds, renews and writes under."""
+        return (self.id, self.claim_seq)
 
 
 # The columns a claim returns, in the order Claimed takes them.

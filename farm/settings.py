@@ -15,8 +15,8 @@ from farm.errors import ConfigError
 from farm.secrets import redact
 
 # Each setting: (field, environment variable, type). The toml file uses the field names.
-_INT_FIELDS = {"max_attempts", "lease_s", "batch_size", "retry_backoff_s", "retry_backoff_max_s"}
-_FLOAT_FIELDS = {"render_deadline_s"}
+_INT_FIELDS = {"max_attempts", "lease_s", "batch_size", "retry_backoff_s", "retry_backoff_max_s", "dispatch_window"}
+_FLOAT_FIELDS = {"render_deadline_s", "shutdown_grace_s"}
 # Fields that only the config file sets (tables, and which file it was), never a FARM_* variable.
 _FROM_FILE = {"pools", "config_file"}
 
@@ -43,6 +43,10 @@ class Settings:
     render_deadline_s: float = 900.0
     device: str = "auto"
     dtype: str = "auto"
+    # Jobs each broker queue holds at most; the control loop tops the window up as workers drain it.
+    dispatch_window: int = 1024
+    # On SIGTERM a worker finishes what fits in this many seconds, hands the rest back, and exits.
+    shutdown_grace_s: float = 30.0
     # `[pools.NAME]` tables of farm.toml: pool name → the options it sets (POOL_KEYS), read with everything else.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     config_file: Path | None = None  # the farm.toml the settings and pools came from, if any
@@ -208,8 +212,16 @@ def _validate(s: Settings) -> None:
         )
     if urlsplit(s.storage_url).scheme not in ("file", "s3"):
         raise ConfigError(f"storage_url must be file:///path or s3://bucket/prefix, got {redact(s.storage_url)}")
-    for name, low in (("max_attempts", 1), ("lease_s", 10), ("batch_size", 1), ("retry_backoff_s", 0)):
+    for name, low in (
+        ("max_attempts", 1),
+        ("lease_s", 5),
+        ("batch_size", 1),
+        ("retry_backoff_s", 0),
+        ("dispatch_window", 1),
+    ):
         if getattr(s, name) < low:
             raise ConfigError(f"{name} must be at least {low}, got {getattr(s, name)}")
+    if not (math.isfinite(s.shutdown_grace_s) and s.shutdown_grace_s >= 0):
+        raise ConfigError(f"shutdown_grace_s must be at least 0, got {s.shutdown_grace_s}")
     if not (math.isfinite(s.render_deadline_s) and s.render_deadline_s >= 0):
         raise ConfigError(f"render_deadline_s must be at least 0 (0: no deadline), got {s.render_deadline_s}")

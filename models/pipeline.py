@@ -30,6 +30,11 @@ class ModelLoadError(RuntimeError):
     """A pipeline could not be loaded from the given local folder or hub id."""
 
 
+class RenderInterrupted(RuntimeError):
+    """A render stopped between denoising steps because its caller asked (its jobs were canceled, the worker is
+    shutting down): not the render's fault, so not a failed attempt."""
+
+
 class RenderDeadlineExceeded(RuntimeError):
     """A render ran past its wall-clock deadline; raised between denoising steps, so the call stops there."""
 
@@ -214,6 +219,7 @@ def render_batch(
     prompt_attention_mask: torch.Tensor | None = None,
     output_type: str = "pil",
     deadline_s: float | None = None,
+    interrupt: Callable[[], str | None] | None = None,
 ) -> list[Any]:
     """Render compatible requests in one pipeline call, each image with its own seeded generator.
 
@@ -226,6 +232,7 @@ def render_batch(
 
     `deadline_s`: seconds from this call's start after which RenderDeadlineExceeded is raised at the end of
     the next denoising step (Celery's time limits do nothing on solo and threads pools).
+    `interrupt`: asked after every denoising step; a reason (not None) raises RenderInterrupted there.
     """
     import torch
 
@@ -236,10 +243,10 @@ def render_batch(
     kwargs["output_type"] = output_type
     kwargs["generator"] = [make_generator(pipe, r.seed) for r in requests]
     kwargs.update(_prompt_kwargs(pipe, requests, prompt_cache, model_key, prompt_embeds, prompt_attention_mask))
-    if deadline_s is not None:
+    if deadline_s is not None or interrupt is not None:
         # PixArtAlphaPipeline (diffusers 0.42) has only the legacy step callback, not callback_on_step_end;
         # it calls it after every step (callback_steps=1) and does not catch what it raises.
-        kwargs["callback"] = _deadline_callback(started, deadline_s, first.num_inference_steps)
+        kwargs["callback"] = _step_callback(started, deadline_s, interrupt, first.num_inference_steps)
         kwargs["callback_steps"] = 1
     with torch.inference_mode():
         if controlnet is None:
@@ -254,11 +261,17 @@ def render_batch(
     return list(output.images)
 
 
-def _deadline_callback(started: float, deadline_s: float, total_steps: int) -> Callable[..., None]:
-    """A pipeline step callback that raises RenderDeadlineExceeded once `deadline_s` has passed since `started`."""
+def _step_callback(
+    started: float, deadline_s: float | None, interrupt: Callable[[], str | None] | None, total_steps: int
+) -> Callable[..., None]:
+    """A pipeline step callback: RenderInterrupted when `interrupt` gives a reason, RenderDeadlineExceeded once
+    `deadline_s` has passed since `started`."""
 
     def check(step: int, timestep: Any, latents: Any) -> None:
-        if time.monotonic() - started > deadline_s:
+        reason = interrupt() if interrupt is not None else None
+        if reason is not None:
+            raise RenderInterrupted(f"render stopped after step {step + 1} of {total_steps}: {reason}")
+        if deadline_s is not None and time.monotonic() - started > deadline_s:
             raise RenderDeadlineExceeded(
                 f"render exceeded its deadline of {deadline_s:g} s after step {step + 1} of {total_steps}"
             )

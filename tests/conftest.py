@@ -42,6 +42,17 @@ def _port_open(host: str, port: int) -> bool:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, at the current schema, dropped afterwards."""
+    yield from _fresh_database()
+
+
+@pytest.fixture()
+def own_pg_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own: for fleets whose reaper and dispatcher would otherwise act on
+    the jobs other tests left in the session's database."""
+    yield from _fresh_database()
+
+
+def _fresh_database() -> Iterator[str]:
     if not _port_open("127.0.0.1", 5432):
         _unavailable("PostgreSQL", "nothing listens on 127.0.0.1:5432")
     import psycopg

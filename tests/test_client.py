@@ -134,7 +134,7 @@ def test_images_reads_what_the_storage_holds(client: Client) -> None:
         for job in jobs:
             if job.prompt not in colors:
                 continue
-            stored = storage.put(object_key(storage.prefix, "imgs", job.job_id), _png(colors[job.prompt]))
+            stored = storage.put(object_key(storage.prefix, "imgs", job.job_id, 1), _png(colors[job.prompt]))
             conn.execute(
                 update(Job)
                 .where(Job.id == job.job_id)
@@ -165,7 +165,7 @@ def test_images_reads_what_the_storage_holds(client: Client) -> None:
         list(client.images("imgs", state="done"))
 
     # A changed object is caught, not handed over.
-    (Path(storage.root) / object_key("", "imgs", finished[0].job_id)).write_bytes(_png((1, 2, 3)))  # type: ignore[attr-defined]
+    (Path(storage.root) / object_key("", "imgs", finished[0].job_id, 1)).write_bytes(_png((1, 2, 3)))  # type: ignore[attr-defined]
     with pytest.raises(StorageError, match="does not match its recorded sha256"):
         finished[0].read_bytes()
 

@@ -66,9 +66,12 @@ def test_paused_datasets_are_not_claimed_and_resume_sends_them_again(farm) -> No
     with farm.engine.begin() as conn:
         ids = conn.execute(select(Job.id)).scalars().all()
         assert conn.execute(select(Dataset.paused)).scalar_one() is True
+        # Out of the broker's window: pending again, and their messages claim nothing while paused.
+        assert set(conn.execute(select(Job.status)).scalars()) == {"pending"}
         assert transitions.claim(conn, ids, worker="w", lease_s=60, max_attempts=3) == []
+    assert "dispatched 0 jobs" in farm("dispatch", "--dataset", "doors")  # a paused dataset is not sent
     output = farm("resume", "doors")
-    assert "3 waiting jobs" in output and "dispatched 3 jobs" in output
+    assert "resumed" in output and "dispatched 3 jobs" in output
     with farm.engine.begin() as conn:
         assert len(transitions.claim(conn, ids, worker="w", lease_s=60, max_attempts=3)) == 3
 

@@ -79,9 +79,26 @@ def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> 
             text("SELECT id, controlnet, conditioning_scale, control_sha256, control_uri, quantize FROM jobs")
         ).one()
     assert tuple(row) == ("j1", None, None, None, None, None)
-    assert current_revision(engine) == head_revision() == "0006"
+    assert current_revision(engine) == head_revision() == "0007"
     with engine.connect() as conn:  # and the dataset survived the later migrations, unpaused
         assert tuple(conn.execute(text("SELECT name, paused FROM datasets")).one()) == ("d", 0)
+        assert tuple(conn.execute(text("SELECT claim_seq, queue, queued_at FROM jobs")).one()) == (0, None, None)
+
+
+def test_a_store_newer_than_this_code_is_refused_not_written(tmp_path: Path) -> None:
+    # An old worker must not write unfenced during a rolling upgrade: it refuses a store it does not know.
+    from sqlalchemy import text
+
+    from farm.errors import ConfigError
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(engine, auto_upgrade=True)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    for auto_upgrade in (True, False):
+        with pytest.raises(ConfigError, match="revision 0099, newer than this farm knows"):
+            ensure_schema(engine, auto_upgrade=auto_upgrade)
+    assert current_revision(engine) == "0099"
 
 
 def _open_at_once(url: str, barrier: Any) -> None:

@@ -106,13 +106,13 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
         jobs = list(conn.execute(select(Job.__table__).join(Dataset).where(Dataset.name == dataset)))
     assert len(jobs) == 20
     # One object per job, at the job's key, with the recorded sha256 and size.
-    assert keys == sorted(f"renders/{dataset}/{job.id}.png" for job in jobs)
+    assert keys == sorted(f"renders/{dataset}/{job.id}-1.png" for job in jobs)
     for job in jobs:
         assert job.status == "succeeded" and job.attempts == 1
-        body = client.get_object(Bucket=s3_bucket, Key=f"renders/{dataset}/{job.id}.png")["Body"].read()
+        body = client.get_object(Bucket=s3_bucket, Key=f"renders/{dataset}/{job.id}-1.png")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == job.sha256
         assert len(body) == job.bytes
-        assert job.output_uri == f"s3://{s3_bucket}/renders/{dataset}/{job.id}.png"
+        assert job.output_uri == f"s3://{s3_bucket}/renders/{dataset}/{job.id}-1.png"
         image = Image.open(io.BytesIO(body))
         assert image.size == (128, 96)
         assert image.text["prompt"] == job.prompt and int(image.text["seed"]) == job.seed
@@ -151,9 +151,9 @@ def test_embedded_default_runs_the_same_path(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{home / 'farm.db'}")
     with engine.connect() as conn:
         jobs = list(conn.execute(select(Job.__table__)).all())
-    assert sorted(p.stem for p in files) == sorted(j.id for j in jobs)
+    assert sorted(p.as_uri() for p in files) == sorted(j.output_uri for j in jobs)
     for job in jobs:
-        data = (home / "images" / "embedded" / f"{job.id}.png").read_bytes()
+        data = (home / "images" / "embedded" / f"{job.id}-1.png").read_bytes()
         assert hashlib.sha256(data).hexdigest() == job.sha256
         # The default batch is 8: one pipeline call for all six. Same noise per seed as a single call;
         # GEMMs round differently by batch size, so pixels may differ by one level, never more.

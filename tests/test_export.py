@@ -72,7 +72,7 @@ def add_jobs(engine: Engine, storage: Storage, dataset: str, count: int, *, firs
         for i in range(count):
             seed = first_seed + i
             job_id = uuid.uuid4().hex
-            stored = storage.put(object_key(storage.prefix, dataset, job_id), _png(seed))
+            stored = storage.put(object_key(storage.prefix, dataset, job_id, 1), _png(seed))
             controlled = seed % 2 == 1
             rows.append(
                 {
@@ -228,7 +228,7 @@ def test_an_image_that_does_not_match_its_sha256_fails_the_export(
 ) -> None:
     ids = add_jobs(engine, storage, "ds", 2)
     assert isinstance(storage, LocalStorage)
-    (storage.root / object_key("", "ds", ids[1])).write_bytes(_png(42))
+    (storage.root / object_key("", "ds", ids[1], 1)).write_bytes(_png(42))
     with pytest.raises(StorageError, match=f"job {ids[1]}.*sha256"):
         export_dataset(engine, storage, "ds", fmt="webdataset", to=str(tmp_path / "wds"))
     # Nothing is recorded as exported, so a fixed run starts from scratch.
@@ -328,7 +328,7 @@ def test_presigned_url_downloads_the_exact_bytes(
     result = CliRunner().invoke(main, ["--home", str(home), "url", ids[0], "--expires-s", "600"])
     assert result.exit_code == 0, result.output
     link = result.output.strip()
-    assert link.startswith(f"{s3_server.endpoint_url}/{s3_bucket}/renders/ds/{ids[0]}.png?")
+    assert link.startswith(f"{s3_server.endpoint_url}/{s3_bucket}/renders/ds/{ids[0]}-1.png?")
     assert "Expires=" in link and "Signature" in link
     with urllib.request.urlopen(link, timeout=10) as response:
         data = response.read()
@@ -340,7 +340,7 @@ def test_presigned_url_downloads_the_exact_bytes(
 
 def test_presigned_url_of_local_storage_is_the_file_uri(engine: Engine, storage: Storage) -> None:
     [job] = add_jobs(engine, storage, "ds", 1)
-    uri = storage.uri_for(object_key("", "ds", job))
+    uri = storage.uri_for(object_key("", "ds", job, 1))
     assert presigned_url(storage, uri) == uri
     assert Path(urllib.request.url2pathname(uri.removeprefix("file://"))).read_bytes() == _png(0)
 

@@ -66,7 +66,7 @@ def test_every_input_is_a_jobs_column_with_matching_nullability() -> None:
 
 def test_staged_claimed_and_exported_columns_derive_from_the_definition() -> None:
     assert ("id", "dataset_id", *INPUT_FIELDS, "status", "attempts", "created_at") == STAGED_COLUMNS
-    assert set(CLAIMED_FIELDS) == {*INPUT_FIELDS, "id", "dataset_id", "attempts"}
+    assert set(CLAIMED_FIELDS) == {*INPUT_FIELDS, "id", "dataset_id", "attempts", "claim_seq"}
     assert all(name in JOBS for name in (*STAGED_COLUMNS, *CLAIMED_FIELDS, *RENDER_GROUP_FIELDS))
     assert tuple(f.name for f in EXPORT_FIELDS) == FIELDS
     assert all(f.source in JOBS for f in EXPORT_FIELDS)
@@ -88,7 +88,8 @@ def test_a_job_keeps_every_input_through_record_claim_dispatch_and_export(
     record(engine, plan)
 
     # Dispatch groups pending rows by exactly JobSpec.render_group.
-    groups = dict((key, ids) for key, ids in group_jobs(_pending_page(engine, None, "", 0), batch_size=8))
+    with engine.connect() as conn:
+        groups = dict((key, ids) for key, ids in group_jobs(_pending_page(conn, None, "", 0), batch_size=8))
     assert groups == {spec.render_group: [job_id] for spec, job_id in zip(plan.specs, plan.ids, strict=True)}
 
     with engine.begin() as conn:
@@ -102,8 +103,10 @@ def test_a_job_keeps_every_input_through_record_claim_dispatch_and_export(
     storage = LocalStorage(tmp_path / "images")
     with engine.begin() as conn:
         for job in claimed:
-            stored = storage.put(object_key("", "d", job.id), b"png bytes of " + job.id.encode())
-            assert transitions.mark_succeeded(conn, job.id, worker="w", stored=stored, render_ms=1500)
+            stored = storage.put(object_key("", "d", job.id, 1), b"png bytes of " + job.id.encode())
+            assert transitions.mark_succeeded(
+                conn, job.id, worker="w", seq=job.claim_seq, stored=stored, render_ms=1500
+            )
 
     export_dataset(engine, storage, "d", fmt="parquet", to=str(tmp_path / "out"))
     table = pq.read_table(tmp_path / "out" / "part-00000.parquet")

@@ -1,4 +1,4 @@
-"""Lease renewal: a live worker keeps its jobs; only a dead worker's leases expire and get reaped."""
+"""Lease renewal: a live worker keeps the jobs it holds; a dead one's leases expire; the beat survives errors."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from farm.store import transitions
+from farm.store import fleet, transitions
 from farm.store.engine import ensure_schema, make_engine
 from farm.store.schema import Dataset, Job, utcnow
 from workers.heartbeat import LeaseKeeper
+from workers.runtime import Holdings
 
 
 def test_renewal_keeps_a_live_workers_jobs_from_the_reaper(tmp_path: Path) -> None:
@@ -40,12 +41,14 @@ def test_renewal_keeps_a_live_workers_jobs_from_the_reaper(tmp_path: Path) -> No
                 for n, i in enumerate(ids)
             ],
         )
-        transitions.claim(conn, ids[:2], worker="alive", lease_s=30, max_attempts=3)
-        transitions.claim(conn, ids[2:], worker="dead", lease_s=30, max_attempts=3)
+        alive = transitions.claim(conn, ids[:2], worker="alive#1", lease_s=30, max_attempts=3)
+        transitions.claim(conn, ids[2:], worker="dead#2", lease_s=30, max_attempts=3)
         # Time passes: every lease is about to run out.
         conn.execute(update(Job).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
-    keeper = LeaseKeeper(engine, worker="alive", lease_s=30)
+    holdings = Holdings()
+    holdings.add([job.held for job in alive])
+    keeper = LeaseKeeper(engine, worker="alive#1", lease_s=30, holdings=holdings)
     assert keeper.renew() == 2
     with engine.begin() as conn:
         reaped = transitions.reap_expired(conn, max_attempts=3)
@@ -57,7 +60,7 @@ def test_renewal_keeps_a_live_workers_jobs_from_the_reaper(tmp_path: Path) -> No
 def test_the_keeper_thread_renews_periodically(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     ensure_schema(engine, auto_upgrade=True)
-    keeper = LeaseKeeper(engine, worker="w", lease_s=1).start()  # renews every 1/3 s
+    keeper = LeaseKeeper(engine, worker="w#1", lease_s=1, holdings=Holdings()).start()  # renews every 1/3 s
     try:
         import time
 
@@ -67,3 +70,67 @@ def test_the_keeper_thread_renews_periodically(tmp_path: Path) -> None:
     finally:
         keeper.stop()
     assert keeper.renewals >= 2
+
+
+def test_the_beat_survives_any_error_and_a_worker_that_cannot_beat_stops_claiming(tmp_path: Path) -> None:
+    # Problem 7: the heartbeat thread died on the first exception that was not SQLAlchemy's.
+    import time
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(engine, auto_upgrade=True)
+    failing = {"on": True}
+
+    def describe(current_jobs: int) -> fleet.Heartbeat:
+        if failing["on"]:
+            raise RuntimeError("a bug in the heartbeat's description")
+        return fleet.Heartbeat("w#1", None, "host", 1, "cpu", None, {}, current_jobs, 0.0, utcnow())
+
+    keeper = LeaseKeeper(engine, worker="w#1", lease_s=1, holdings=Holdings())
+    keeper._thread.start()  # the thread alone: start() beats once first, which would raise here
+    try:
+        deadline = time.monotonic() + 10
+        keeper.describe = describe
+        while keeper.healthy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not keeper.healthy()  # no beat for half a lease: the worker claims nothing new
+        failing["on"] = False
+        while (keeper.renewals == 0 or not keeper.healthy()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert keeper.renewals >= 1 and keeper.healthy()  # the same thread beats again
+    finally:
+        keeper.stop()
+
+
+def test_the_beat_reports_held_jobs_that_were_canceled(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
+    ensure_schema(engine, auto_upgrade=True)
+    job_id = uuid.uuid4().hex
+    with engine.begin() as conn:
+        conn.execute(Dataset.__table__.insert().values(id=1, name="d", created_at=utcnow()))
+        conn.execute(
+            Job.__table__.insert().values(
+                id=job_id,
+                dataset_id=1,
+                prompt="p",
+                seed=1,
+                width=64,
+                height=64,
+                num_inference_steps=4,
+                guidance_scale=0.0,
+                model="tiny",
+                status="pending",
+                attempts=0,
+                created_at=utcnow(),
+            )
+        )
+        (job,) = transitions.claim(conn, [job_id], worker="w#1", lease_s=30, max_attempts=3)
+    holdings = Holdings()
+    holdings.add([job.held])
+    lost: list[set[str]] = []
+    keeper = LeaseKeeper(engine, worker="w#1", lease_s=30, holdings=holdings)
+    keeper.on_lost = lost.append
+    assert keeper.renew() == 1 and lost == []
+    with engine.begin() as conn:
+        transitions.cancel(conn, job_ids=[job_id])
+    assert keeper.renew() == 0
+    assert lost == [{job_id}] and holdings.is_lost(job_id)

@@ -51,8 +51,8 @@ def _finished_dataset(tmp_path: Path, settings: Settings, storage: Storage, name
         done = []
         for shade, job in enumerate(claimed):
             data = _render_fake(job.width, job.height, shade * 40)
-            stored = storage.put(object_key(storage.prefix, name, job.id), data)
-            done.append((job.id, stored, 5))
+            stored = storage.put(object_key(storage.prefix, name, job.id, 1), data)
+            done.append((job.id, job.claim_seq, stored, 5))
         transitions.mark_succeeded_many(conn, done, worker="test:1")
     return engine
 
@@ -93,7 +93,7 @@ def test_contact_sheet_and_gallery_from_local_storage(tmp_path: Path, local: tup
     for item in result.images:
         assert f'href="images/{item.job_id}.png"' in page and f'src="thumbs/{item.job_id}.png"' in page
         full = (out / "images" / f"{item.job_id}.png").read_bytes()
-        assert full == storage.get(object_key(storage.prefix, "prev", item.job_id))
+        assert full == storage.get(object_key(storage.prefix, "prev", item.job_id, 1))
         with Image.open(out / "thumbs" / f"{item.job_id}.png") as thumb:
             assert max(thumb.size) == 64
         assert f"seed {item.seed}" in page
@@ -103,7 +103,7 @@ def test_a_tampered_image_is_left_out_with_the_reason(tmp_path: Path, local: tup
     settings, storage = local
     engine = _finished_dataset(tmp_path, settings, storage)
     victim = _job_ids(engine, 1)[0]
-    storage.put(object_key(storage.prefix, "prev", victim), _render_fake(128, 96, 255))
+    storage.put(object_key(storage.prefix, "prev", victim, 1), _render_fake(128, 96, 255))
     result = make_preview(engine, storage, "prev", tmp_path / "out", limit=3)
     assert victim not in {item.job_id for item in result.images}
     assert any(victim in reason and "sha256" in reason for reason in result.skipped)

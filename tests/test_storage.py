@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from farm.errors import StorageError, TransientStorageError
-from farm.storage import Storage, StoredObject, object_key, open_storage
+from farm.storage import Storage, StoredObject, dataset_folder, object_key, open_storage
 from farm.storage.local import LocalStorage
 from farm.storage.s3 import S3Storage
 from tests.support.s3 import S3Server, free_port
@@ -71,14 +71,34 @@ def storage(request: pytest.FixtureRequest) -> Storage:
 @pytest.mark.parametrize(
     ("prefix", "expected"),
     [
-        ("renders", "renders/cats/j1.png"),
-        ("", "cats/j1.png"),
-        ("/a/b/", "a/b/cats/j1.png"),
-        ("a//b", "a/b/cats/j1.png"),
+        ("renders", "renders/cats/j1-1.png"),
+        ("", "cats/j1-1.png"),
+        ("/a/b/", "a/b/cats/j1-1.png"),
+        ("a//b", "a/b/cats/j1-1.png"),
     ],
 )
 def test_object_key_forms(prefix: str, expected: str) -> None:
-    assert object_key(prefix, "cats", "j1") == expected
+    assert object_key(prefix, "cats", "j1", 1) == expected
+
+
+def test_each_attempt_has_a_key_of_its_own() -> None:
+    # The fence in the storage layout: a late attempt writes beside the winner, never over it.
+    assert object_key("", "cats", "j1", 1) != object_key("", "cats", "j1", 2) == "cats/j1-2.png"
+    with pytest.raises(ValueError, match="at least 1"):
+        object_key("", "cats", "j1", 0)
+
+
+def test_list_keys_under_a_dataset_folder_on_both_backends(local_storage: Storage, s3_storage: Storage) -> None:
+    for storage in (local_storage, s3_storage):
+        for key in (object_key(storage.prefix, "cats", "j1", 1), object_key(storage.prefix, "cats", "j2", 3)):
+            storage.put(key, b"x")
+        storage.put(object_key(storage.prefix, "dogs", "j9", 1), b"y")
+        folder = dataset_folder(storage.prefix, "cats")
+        assert sorted(storage.list_keys(folder)) == [
+            object_key(storage.prefix, "cats", "j1", 1),
+            object_key(storage.prefix, "cats", "j2", 3),
+        ]
+        assert list(storage.list_keys(dataset_folder(storage.prefix, "birds"))) == []
 
 
 @pytest.mark.parametrize(
@@ -96,14 +116,14 @@ def test_object_key_forms(prefix: str, expected: str) -> None:
 )
 def test_object_key_rejects_unsafe_parts(prefix: str, dataset: str, job_id: str) -> None:
     with pytest.raises(ValueError, match="not allowed"):
-        object_key(prefix, dataset, job_id)
+        object_key(prefix, dataset, job_id, 1)
 
 
 # --- both backends ------------------------------------------------------------------------------------------
 
 
 def test_round_trip(storage: Storage) -> None:
-    key = object_key(storage.prefix, "cats", "job-1")
+    key = object_key(storage.prefix, "cats", "job-1", 1)
 
     stored = storage.put(key, PNG, metadata={"seed": "7"})
 
@@ -120,24 +140,24 @@ def test_round_trip(storage: Storage) -> None:
 
 
 def test_head_of_absent_key_is_none(storage: Storage) -> None:
-    assert storage.head(object_key(storage.prefix, "cats", "never-written")) is None
+    assert storage.head(object_key(storage.prefix, "cats", "never-written", 1)) is None
 
 
 def test_uris(local_storage: LocalStorage, s3_storage: S3Storage, tmp_path: Path) -> None:
-    local_key = object_key(local_storage.prefix, "cats", "j1")
-    assert local_storage.put(local_key, PNG).uri == (tmp_path / "objects" / "cats" / "j1.png").resolve().as_uri()
+    local_key = object_key(local_storage.prefix, "cats", "j1", 1)
+    assert local_storage.put(local_key, PNG).uri == (tmp_path / "objects" / "cats" / "j1-1.png").resolve().as_uri()
     assert local_storage.uri_for(local_key).startswith("file:///")
 
-    s3_key = object_key(s3_storage.prefix, "cats", "j1")
-    assert s3_key == "renders/cats/j1.png"
-    assert s3_storage.put(s3_key, PNG).uri == f"s3://{s3_storage.bucket}/renders/cats/j1.png"
+    s3_key = object_key(s3_storage.prefix, "cats", "j1", 1)
+    assert s3_key == "renders/cats/j1-1.png"
+    assert s3_storage.put(s3_key, PNG).uri == f"s3://{s3_storage.bucket}/renders/cats/j1-1.png"
 
 
 # --- retries overwrite, never duplicate ---------------------------------------------------------------------
 
 
 def test_s3_put_twice_leaves_one_object(s3_storage: S3Storage, s3_server: S3Server) -> None:
-    key = object_key(s3_storage.prefix, "cats", "j1")
+    key = object_key(s3_storage.prefix, "cats", "j1", 1)
     s3_storage.put(key, b"first attempt")
     second = s3_storage.put(key, PNG)
 
@@ -149,12 +169,12 @@ def test_s3_put_twice_leaves_one_object(s3_storage: S3Storage, s3_server: S3Serv
 
 
 def test_local_put_twice_leaves_one_file(local_storage: LocalStorage) -> None:
-    key = object_key(local_storage.prefix, "cats", "j1")
+    key = object_key(local_storage.prefix, "cats", "j1", 1)
     local_storage.put(key, b"first attempt")
     second = local_storage.put(key, PNG)
 
     # No temp files are left behind either: the folder holds exactly the object.
-    assert [p.name for p in (local_storage.root / "cats").iterdir()] == ["j1.png"]
+    assert [p.name for p in (local_storage.root / "cats").iterdir()] == ["j1-1.png"]
     assert local_storage.head(key) == second
     assert local_storage.get(key) == PNG
 
@@ -163,7 +183,7 @@ def test_local_put_twice_leaves_one_file(local_storage: LocalStorage) -> None:
 
 
 def test_s3_caller_metadata_is_stored_but_cannot_replace_sha256(s3_storage: S3Storage, s3_server: S3Server) -> None:
-    key = object_key(s3_storage.prefix, "cats", "j1")
+    key = object_key(s3_storage.prefix, "cats", "j1", 1)
     stored = s3_storage.put(key, PNG, metadata={"seed": "7", "sha256": "bogus"})
 
     raw = s3_server.client().head_object(Bucket=s3_storage.bucket, Key=key)
@@ -173,7 +193,7 @@ def test_s3_caller_metadata_is_stored_but_cannot_replace_sha256(s3_storage: S3St
 
 
 def test_s3_head_of_foreign_object_has_empty_sha256(s3_storage: S3Storage, s3_server: S3Server) -> None:
-    key = object_key(s3_storage.prefix, "cats", "foreign")
+    key = object_key(s3_storage.prefix, "cats", "foreign", 1)
     s3_server.client().put_object(Bucket=s3_storage.bucket, Key=key, Body=b"abc")
 
     stored = s3_storage.head(key)
@@ -183,7 +203,7 @@ def test_s3_head_of_foreign_object_has_empty_sha256(s3_storage: S3Storage, s3_se
 
 
 def test_s3_get_refuses_an_object_that_no_longer_matches_its_sha256(s3_storage: S3Storage, s3_server: S3Server) -> None:
-    key = object_key(s3_storage.prefix, "cats", "j1")
+    key = object_key(s3_storage.prefix, "cats", "j1", 1)
     stored = s3_storage.put(key, PNG)
     s3_server.client().put_object(
         Bucket=s3_storage.bucket, Key=key, Body=b"tampered", Metadata={"sha256": stored.sha256}
@@ -198,7 +218,7 @@ def test_s3_missing_bucket_is_a_permanent_error(s3_server: S3Server, aws_env: No
     storage = S3Storage("no-such-bucket-farm", "", endpoint_url=s3_server.endpoint_url, region="us-east-1")
 
     with pytest.raises(StorageError) as info:
-        storage.put("cats/j1.png", PNG)
+        storage.put("cats/j1-1.png", PNG)
 
     assert not isinstance(info.value, TransientStorageError)
     message = str(info.value)
@@ -218,10 +238,10 @@ def test_s3_unreachable_endpoint_is_transient(aws_env: None) -> None:
     )
 
     with pytest.raises(TransientStorageError) as put_info:
-        storage.put("cats/j1.png", PNG)
+        storage.put("cats/j1-1.png", PNG)
     # head() must not mistake "cannot connect" for "absent".
     with pytest.raises(TransientStorageError) as head_info:
-        storage.head("cats/j1.png")
+        storage.head("cats/j1-1.png")
 
     for info in (put_info, head_info):
         assert "farm" in str(info.value)
@@ -287,12 +307,12 @@ def test_s3_error_classification(aws_env: None, status: int, code: str, transien
     with _error_server(status, code) as (url, requests):
         storage = S3Storage("farm", "", endpoint_url=url, region="us-east-1", max_attempts=1)
         with pytest.raises(StorageError) as info:
-            storage.put("cats/j1.png", PNG)
+            storage.put("cats/j1-1.png", PNG)
 
     assert isinstance(info.value, TransientStorageError) is transient
     assert requests == ["PUT"]  # max_attempts=1: botocore did not retry
     assert code in str(info.value)
-    assert "s3://farm/cats/j1.png" in str(info.value)
+    assert "s3://farm/cats/j1-1.png" in str(info.value)
     assert SECRET not in str(info.value)
 
 
@@ -300,7 +320,7 @@ def test_s3_max_attempts_counts_every_try(aws_env: None) -> None:
     with _error_server(503, "SlowDown") as (url, requests):
         storage = S3Storage("farm", "", endpoint_url=url, region="us-east-1", max_attempts=2)
         with pytest.raises(TransientStorageError):
-            storage.put("cats/j1.png", PNG)
+            storage.put("cats/j1-1.png", PNG)
 
     assert requests == ["PUT", "PUT"]
 
@@ -336,7 +356,7 @@ def test_local_symlink_out_of_root_is_refused(local_storage: LocalStorage, tmp_p
     (local_storage.root / "cats").symlink_to(outside)
 
     with pytest.raises(StorageError, match="escapes"):
-        local_storage.put("cats/j1.png", PNG)
+        local_storage.put("cats/j1-1.png", PNG)
     assert list(outside.iterdir()) == []
 
 
@@ -345,7 +365,7 @@ def test_local_write_failure_leaves_nothing_behind(local_storage: LocalStorage) 
     (local_storage.root / "cats").write_bytes(b"a file where a folder should be")
 
     with pytest.raises(StorageError, match="could not write"):
-        local_storage.put("cats/j1.png", PNG)
+        local_storage.put("cats/j1-1.png", PNG)
     assert [p.name for p in local_storage.root.iterdir()] == ["cats"]
 
 
@@ -378,15 +398,15 @@ def test_open_storage_s3_url(s3_server: S3Server, aws_env: None, url: str, bucke
 
     assert isinstance(storage, S3Storage)
     assert (storage.bucket, storage.prefix) == (bucket, prefix)
-    assert object_key(storage.prefix, "cats", "j1") == "/".join(p for p in (prefix, "cats/j1.png") if p)
+    assert object_key(storage.prefix, "cats", "j1", 1) == "/".join(p for p in (prefix, "cats/j1-1.png") if p)
     assert SECRET not in storage.describe()
 
 
 def test_open_storage_s3_round_trip(s3_server: S3Server, bucket: str, aws_env: None) -> None:
     storage = open_storage(f"s3://{bucket}/datasets", s3_endpoint_url=s3_server.endpoint_url)
-    key = object_key(storage.prefix, "cats", "j1")
+    key = object_key(storage.prefix, "cats", "j1", 1)
 
-    assert storage.put(key, PNG).uri == f"s3://{bucket}/datasets/cats/j1.png"
+    assert storage.put(key, PNG).uri == f"s3://{bucket}/datasets/cats/j1-1.png"
     assert storage.get(key) == PNG
 
 

@@ -63,7 +63,7 @@ def _submit(
 
 
 def _image(settings: Settings, name: str, job_id: str) -> np.ndarray:
-    data = (settings.home / "images" / name / f"{job_id}.png").read_bytes()
+    data = (settings.home / "images" / name / f"{job_id}-1.png").read_bytes()
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 

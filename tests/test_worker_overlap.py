@@ -54,7 +54,7 @@ def test_slow_storage_applies_back_pressure_instead_of_growing_memory(
     assert rt.uploader.peak_images_held == 4
     # … and nothing was dropped for it: one confirmed object per job, all marked in batch transactions.
     listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix="slow/overlap/")
-    assert sorted(o["Key"] for o in listed["Contents"]) == sorted(f"slow/overlap/{i}.png" for i in ids)
+    assert sorted(o["Key"] for o in listed["Contents"]) == sorted(f"slow/overlap/{i}-1.png" for i in ids)
     with engine.connect() as conn:
         states = conn.execute(select(Job.status, Job.sha256).where(Job.id.in_(ids))).all()
     assert {s for s, _ in states} == {"succeeded"} and all(sha for _, sha in states)

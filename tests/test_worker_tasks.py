@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from sqlalchemy import select
@@ -48,21 +49,25 @@ def test_duplicate_delivery_renders_and_stores_nothing_twice(tmp_path: Path, tin
     ids = _submit(engine, tmp_path, "dup", ["a cat", "a dog", "a cow"], tiny_model)
     runtime = WorkerRuntime.build(settings, make_celery(settings), name="w-test")
 
-    first = render_jobs(runtime, ids, wait=True)
-    second = render_jobs(runtime, ids, wait=True)  # the broker delivers the same message again
+    # As the production task runs it: render_jobs returns while its uploads are still on the pool, and the
+    # broker delivers the same message again at once (pause and resume, two dispatchers, a redelivery).
+    first = render_jobs(runtime, ids)
+    second = render_jobs(runtime, ids)
+    assert runtime.uploader.drain(timeout_s=60)
 
     assert (first.rendered, first.skipped) == (3, 0)
-    assert (second.rendered, second.skipped) == (0, 3)
+    assert (second.claimed, second.rendered, second.skipped) == (0, 0, 3)
     assert runtime.stats.succeeded == 3
-    files = sorted((tmp_path / "home" / "images" / "dup").iterdir())
-    assert [f.name for f in files] == sorted(f"{i}.png" for i in ids)
     rows = _rows(engine, ids)
-    for job_id, row in rows.items():
-        data = (tmp_path / "home" / "images" / "dup" / f"{job_id}.png").read_bytes()
-        assert row.attempts == 1 and row.status == "succeeded"  # type: ignore[attr-defined]
+    files = sorted((tmp_path / "home" / "images" / "dup").iterdir())
+    assert [f.as_uri() for f in files] == sorted(row.output_uri for row in rows.values())  # type: ignore[attr-defined]
+    for row in rows.values():
+        data = Path(unquote(urlsplit(row.output_uri).path)).read_bytes()  # type: ignore[attr-defined]
+        assert (row.attempts, row.claim_seq, row.status) == (1, 1, "succeeded")  # type: ignore[attr-defined]
         assert hashlib.sha256(data).hexdigest() == row.sha256  # type: ignore[attr-defined]
         assert row.render_ms is not None and row.render_ms >= 0  # type: ignore[attr-defined]
     assert runtime.pipelines.misses == 1  # loaded once per process
+    runtime.leases.stop()
 
 
 def test_a_failing_job_is_retried_then_failed_without_blocking_others(tmp_path: Path, tiny_model: Path) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import SQLAlchemyError
 
-from farm.dispatch.broker import REAP_TASK, RENDER_TASK, make_celery
+from farm.dispatch.broker import RENDER_TASK, make_celery
 from farm.settings import Settings
+from workers.control import ControlLoop
 from workers.metrics import METRICS, start_metrics_server
 from workers.runtime import WorkerRuntime
-from workers.tasks import render_jobs
+from workers.tasks import release_held, render_jobs
 
 log = logging.getLogger("farm.worker")
 _DB_RETRY_MAX = 30
@@ -40,9 +42,6 @@ def create_app(
     app.conf.update(
         worker_pool="solo",
         worker_concurrency=1,
-        # Run by the one worker started with --beat: hand out again the jobs of workers that died.
-        beat_schedule={"reap": {"task": REAP_TASK, "schedule": max(10.0, settings.lease_s / 2)}},
-        beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
     )
     runtime: list[WorkerRuntime] = []
 
@@ -61,6 +60,8 @@ def create_app(
                 )
             )
             METRICS.track_caches(runtime[0].caches.stats)
+            # The reaper and dispatcher loop runs in every worker process; one at a time leads.
+            runtime[0].control = ControlLoop(runtime[0].engine, app, settings, holder=runtime[0].name).start()
         return runtime[0]
 
     @worker_ready.connect(weak=False)
@@ -80,25 +81,26 @@ def create_app(
             log.warning("database error (%s); task retried in %d s", exc.__class__.__name__, delay)
             raise self.retry(countdown=delay, exc=exc) from None
 
-    @app.task(name=REAP_TASK, ignore_result=True)
-    def reap() -> dict[str, int]:
-        from farm.dispatch.publish import reap_and_dispatch
-        from farm.store.engine import make_engine
-
-        engine = runtime[0].engine if runtime else make_engine(settings.database_url)
-        reaped, sent = reap_and_dispatch(engine, app, settings)
-        if reaped.requeued or reaped.failed:
-            log.warning("reaper: %d expired jobs sent again, %d failed", len(reaped.requeued), len(reaped.failed))
-        return {"requeued": len(reaped.requeued), "failed": len(reaped.failed), "dispatched": sent.jobs}
+    @worker_shutting_down.connect(weak=False)
+    def _stopping(**_: Any) -> None:
+        # SIGTERM (a warm shutdown): the current task renders what fits in the grace period, hands the rest
+        # back, and the worker exits; new messages are not claimed any more.
+        if runtime and runtime[0].stopping_at is None:
+            runtime[0].stopping_at = time.monotonic()
+            log.info("shutting down: %.0f s of grace for the work in hand", settings.shutdown_grace_s)
 
     @worker_shutdown.connect(weak=False)
     def _drain(**_: Any) -> None:
-        # A warm shutdown finishes the current task; the images it handed to the upload pool are
-        # stored and recorded before the process exits.
+        # The images handed to the upload pool are stored and recorded while the grace period lasts; whatever
+        # this worker still holds after that goes back to pending at once, not at lease expiry.
         if runtime:
             rt = runtime[0]
-            rt.uploader.close()
-            rt.leases.stop()  # after the uploads: their jobs stay this worker's until recorded
+            grace = rt.grace_left()
+            rt.uploader.drain(timeout_s=max(grace, 0.0) if grace is not None else None)
+            release_held(rt)
+            if rt.control is not None:
+                rt.control.stop()
+            rt.leases.stop()  # after the uploads: their jobs stay this worker's until recorded or released
             log.info("worker stopped: %s; caches: %s", rt.stats, rt.caches.stats())
 
     return app

@@ -18,11 +18,10 @@ def run_worker(
     max_batch: int | None = None,
     io_threads: int = 2,
     low_memory: bool = False,
-    beat: bool = False,
     metrics_port: int = 0,
     pool: str | None = None,
 ) -> None:
-    """Run until stopped (SIGTERM finishes the current task first, then exits)."""
+    """Run until stopped: SIGTERM renders what fits in settings.shutdown_grace_s, hands the rest back, exits."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if torch_threads:
         import torch
@@ -49,6 +48,5 @@ def run_worker(
             "--without-gossip",
             "--without-mingle",
             "--prefetch-multiplier=1",
-            *(["--beat"] if beat else []),
         ]
     )

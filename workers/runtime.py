@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -16,18 +18,66 @@ from sqlalchemy.engine import Engine
 from farm.settings import Settings
 from farm.storage import Storage, storage_for
 from farm.store import fleet
-from farm.store.engine import make_engine
+from farm.store.engine import ensure_schema, make_engine
 from farm.store.schema import Dataset, utcnow
 from workers.caches import PipelineCache, RenderCaches
+from workers.control import ControlLoop
 from workers.heartbeat import LeaseKeeper
+from workers.recording import Unrecorded, retry_unrecorded
 from workers.uploads import Uploader
 
 log = logging.getLogger("farm.worker")
 
 
 def default_worker_name() -> str:
-    """host:pid: unique among live workers, which the guarded claim relies on."""
+    """host:pid, the label of a worker started without --name."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def new_incarnation(label: str) -> str:
+    """The owner of everything one worker process claims: its label plus a random part drawn at start, so two
+    workers given one --name, or a container restarted under its old name, never share ownership."""
+    return f"{label}#{uuid.uuid4().hex[:8]}"
+
+
+class Holdings:
+    """The jobs this incarnation holds in memory, (job id, claim seq) each: claimed and not yet recorded or given
+    back. Only these leases are renewed; a job the heartbeat finds no longer ours (canceled, reaped, claimed
+    again) is marked lost, and its render and upload stop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+        self._lost: set[str] = set()
+
+    def add(self, held: list[tuple[str, int]]) -> None:
+        with self._lock:
+            self._held.update(held)
+
+    def drop(self, job_ids: list[str]) -> None:
+        with self._lock:
+            for job_id in job_ids:
+                self._held.pop(job_id, None)
+                self._lost.discard(job_id)
+
+    def snapshot(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self._held.items())
+
+    def mark_lost(self, job_ids: set[str]) -> set[str]:
+        """Mark held jobs lost; returns the ones newly marked."""
+        with self._lock:
+            new = {job_id for job_id in job_ids if job_id in self._held and job_id not in self._lost}
+            self._lost |= new
+            return new
+
+    def is_lost(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._lost
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
 
 
 @dataclass
@@ -50,7 +100,7 @@ class WorkerRuntime:
 
     settings: Settings
     app: Celery
-    name: str
+    name: str  # the incarnation (label#random): the owner of every claim, lease and write of this process
     engine: Engine
     storage: Storage
     caches: RenderCaches
@@ -59,6 +109,10 @@ class WorkerRuntime:
     max_batch: int
     pool: str | None = None
     stats: WorkerStats = field(default_factory=WorkerStats)
+    holdings: Holdings = field(default_factory=Holdings)
+    unrecorded: Unrecorded = field(default_factory=Unrecorded)
+    stopping_at: float | None = None  # monotonic time of the SIGTERM that began a warm shutdown
+    control: ControlLoop | None = None  # the reaper and dispatcher loop (started by the worker's Celery app)
     started_at: datetime = field(default_factory=utcnow)
     _rate_mark: tuple[float, int] = field(default_factory=lambda: (time.monotonic(), 0))
     _dataset_names: dict[int, str] = field(default_factory=dict)
@@ -75,6 +129,16 @@ class WorkerRuntime:
     def pipelines(self) -> PipelineCache:
         return self.caches.pipelines
 
+    def event(self, name: str, job_id: str, seq: int) -> None:
+        """One line per step of a job's attempt, for operators (and the chaos test) to follow it."""
+        log.info("event=%s job=%s seq=%d worker=%s", name, job_id, seq, self.name)
+
+    def grace_left(self) -> float | None:
+        """Seconds of the shutdown grace period left (None while not shutting down)."""
+        if self.stopping_at is None:
+            return None
+        return self.settings.shutdown_grace_s - (time.monotonic() - self.stopping_at)
+
     @classmethod
     def build(
         cls,
@@ -89,16 +153,31 @@ class WorkerRuntime:
     ) -> WorkerRuntime:
         storage = storage_for(settings)
         batch = max_batch or settings.batch_size
+        name = new_incarnation(name or default_worker_name())
+        holdings = Holdings()
+
+        def event(step: str, job_id: str, seq: int) -> None:
+            log.info("event=%s job=%s seq=%d worker=%s", step, job_id, seq, name)
+
         # Two batches may wait for storage while a third renders; beyond that the render loop waits.
-        uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch)
+        uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch, event=event, is_lost=holdings.is_lost)
         caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory))
-        name = name or default_worker_name()
         engine = make_engine(settings.database_url)
-        leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s)
+        ensure_schema(engine, auto_upgrade=settings.embedded)  # refuses a job store newer than this code
+        leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s, holdings=holdings)
         runtime = cls(settings, app, name, engine, storage, caches, uploader, leases, batch, pool=pool)
+        runtime.holdings = holdings
         leases.describe = runtime.heartbeat
+        leases.on_lost = runtime.lost
+        leases.after_beat = lambda: retry_unrecorded(runtime)
         leases.start()
         return runtime
+
+    def lost(self, job_ids: set[str]) -> None:
+        """The heartbeat found these held jobs no longer ours: their attempt stops."""
+        for job_id, seq in self.holdings.snapshot():
+            if job_id in job_ids:
+                self.event("lost", job_id, seq)
 
     def heartbeat(self, current_jobs: int) -> fleet.Heartbeat:
         """What `farm workers` shows: device, what is loaded, cache figures, jobs held and recent images/s."""

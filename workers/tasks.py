@@ -39,22 +39,44 @@ class Outcome:
 def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) -> Outcome:
     """Render one task's jobs. Render failures are recorded per job; database errors propagate (retried).
 
-    wait=True returns only once every image is stored and recorded (tests, shutdown).
+    A message for jobs this incarnation already holds (or anyone does, under a live lease) claims nothing: it
+    is a no-op. A worker whose heartbeat is failing, or that is shutting down, claims nothing either (the
+    jobs stay queued, and the control loop sends them again). wait=True returns only once every image is
+    stored and recorded (shutdown, benchmarks).
     """
-    # 1. Claim with one guarded UPDATE: a duplicate delivery finds nothing left to claim.
+    if rt.stopping_at is not None or not rt.leases.healthy():
+        log.warning(
+            "not claiming %d jobs: %s", len(job_ids), "shutting down" if rt.stopping_at else "heartbeat failing"
+        )
+        return Outcome(skipped=len(job_ids))
+    # 1. Claim with one guarded UPDATE: each claim takes the job's next claim_seq, the attempt's fence.
     with rt.engine.begin() as conn:
         claimed = transitions.claim(
             conn, job_ids, worker=rt.name, lease_s=rt.settings.lease_s, max_attempts=rt.settings.max_attempts
         )
         METRICS.observe_queue_wait(conn, [job.id for job in claimed])
+    rt.holdings.add([job.held for job in claimed])
+    for job in claimed:
+        rt.event("claimed", job.id, job.claim_seq)
     outcome = Outcome(claimed=len(claimed), skipped=len(job_ids) - len(claimed))
     rt.stats.claimed += len(claimed)
     rt.stats.skipped += outcome.skipped
     # 2. Render compatible jobs in batches of at most max_batch, one generator per image.
-    for batch in _batches(claimed, rt.max_batch):
-        rendered, failures = _render(rt, batch)
+    batches = list(_batches(claimed, rt.max_batch))
+    last_batch_s = 0.0
+    for index, batch in enumerate(batches):
+        grace = rt.grace_left()
+        if grace is not None and grace < last_batch_s:
+            # SIGTERM: what does not fit in the grace period goes back to pending now, not at lease expiry.
+            _release(rt, [job for rest in batches[index:] for job in rest])
+            break
+        started = time.monotonic()
+        rendered, failures, interrupted = _render(rt, batch)
+        last_batch_s = time.monotonic() - started
         outcome.rendered += len(rendered)
         outcome.render_failed += len(failures)
+        if interrupted:
+            _release(rt, interrupted)
         if failures:
             METRICS.count_errors("render", len(failures))
             record_batch(rt, [], failures)
@@ -64,6 +86,40 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
     if wait:
         rt.uploader.drain()
     return outcome
+
+
+def release_held(rt: WorkerRuntime) -> None:
+    """At shutdown: every job still held (unrendered, or its upload unfinished) goes back to pending now."""
+    held = dict(rt.holdings.snapshot())
+    if not held:
+        return
+    try:
+        with rt.engine.begin() as conn:
+            released = set(transitions.release(conn, worker=rt.name, held=list(held.items())))
+    except Exception:
+        log.exception("could not hand %d jobs back; their leases expire and the reaper does", len(held))
+        return
+    for job_id, seq in held.items():
+        rt.event("released" if job_id in released else "lost", job_id, seq)
+    rt.holdings.drop(list(held))
+    log.info("handed %d unfinished jobs back to pending", len(released))
+
+
+def _release(rt: WorkerRuntime, jobs: list[Claimed]) -> None:
+    """Hand held jobs back to pending (not counted as an attempt), or drop the ones that are no longer ours."""
+    lost = [job for job in jobs if rt.holdings.is_lost(job.id)]
+    mine = [job for job in jobs if not rt.holdings.is_lost(job.id)]
+    try:
+        with rt.engine.begin() as conn:
+            released = set(transitions.release(conn, worker=rt.name, held=[job.held for job in mine]))
+    except Exception:
+        log.exception("could not hand %d jobs back; their leases expire and the reaper does", len(mine))
+        released = set()
+    for job in mine:
+        rt.event("released" if job.id in released else "lost", job.id, job.claim_seq)
+    for job in lost:
+        rt.event("canceled", job.id, job.claim_seq)
+    rt.holdings.drop([job.id for job in jobs])
 
 
 def _uploaded(
@@ -84,9 +140,23 @@ def _batches(jobs: list[Claimed], size: int) -> Iterator[list[Claimed]]:
             yield group[start : start + size]
 
 
-def _render(rt: WorkerRuntime, batch: list[Claimed]) -> tuple[list[Rendered], list[tuple[Claimed, BaseException]]]:
-    """One pipeline call for the batch; if it fails, each job alone, so one bad job fails only itself."""
-    from models.pipeline import RenderRequest, render_batch
+def _render(
+    rt: WorkerRuntime, batch: list[Claimed]
+) -> tuple[list[Rendered], list[tuple[Claimed, BaseException]], list[Claimed]]:
+    """One pipeline call for the batch; if it fails, each job alone, so one bad job fails only itself.
+
+    Returns the rendered images, the failures, and the jobs whose render was interrupted (all of the batch's
+    jobs canceled, or the shutdown grace period over): those are neither failed nor rendered.
+    """
+    from models.pipeline import RenderInterrupted, RenderRequest, render_batch
+
+    def interrupt() -> str | None:
+        if all(rt.holdings.is_lost(job.id) for job in batch):
+            return "its jobs were canceled or taken over"
+        grace = rt.grace_left()
+        if grace is not None and grace <= 0:
+            return "the worker's shutdown grace period is over"
+        return None
 
     requests = [
         RenderRequest(
@@ -114,6 +184,8 @@ def _render(rt: WorkerRuntime, batch: list[Claimed]) -> tuple[list[Rendered], li
         if pipe.text_encoder is None:  # 8-bit T5 or low-memory mode: embeddings go into the cache first
             caches.encode_missing_prompts(first, [r.prompt for r in requests])
         started = time.perf_counter()
+        for job in batch:
+            rt.event("render_start", job.id, job.claim_seq)
         # T5 runs once per distinct prompt in this process: repeats (other seeds) come from the cache.
         # The deadline is checked between denoising steps: Celery's time limits do nothing on a solo pool.
         # RenderDeadlineExceeded fails the batch like any render error (then each job alone, its own deadline).
@@ -123,24 +195,37 @@ def _render(rt: WorkerRuntime, batch: list[Claimed]) -> tuple[list[Rendered], li
             prompt_cache=caches.prompts,
             model_key=caches.prompt_key(first),
             deadline_s=rt.settings.render_deadline_s or None,
+            interrupt=interrupt,
             **extra,
         )
         per_image_s = (time.perf_counter() - started) / len(batch)
         per_image_ms = round(per_image_s * 1000)
+    except RenderInterrupted as exc:
+        log.info("%s", exc)
+        return [], [], list(batch)
     except Exception as exc:
         if len(batch) == 1:
-            return [], [(batch[0], exc)]
+            return [], [(batch[0], exc)], []
         log.warning("batch of %d failed (%s); rendering its jobs one by one", len(batch), exc.__class__.__name__)
         rendered: list[Rendered] = []
         failures: list[tuple[Claimed, BaseException]] = []
+        interrupted: list[Claimed] = []
         for job in batch:
-            ok, bad = _render(rt, [job])
+            ok, bad, stopped = _render(rt, [job])
             rendered += ok
             failures += bad
-        return rendered, failures
+            interrupted += stopped
+        return rendered, failures, interrupted
     rt.stats.rendered += len(batch)
     METRICS.observe_render(len(batch), per_image_s)
     rt.stats.render_ms += per_image_ms * len(batch)
-    return [
-        Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms) for j, image in zip(batch, images, strict=True)
-    ], []
+    for job in batch:
+        rt.event("render_end", job.id, job.claim_seq)
+    return (
+        [
+            Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms)
+            for j, image in zip(batch, images, strict=True)
+        ],
+        [],
+        [],
+    )

@@ -20,6 +20,10 @@ log = logging.getLogger("farm.worker")
 BatchDone = Callable[[list[tuple[Claimed, StoredObject, int]], list[tuple[Claimed, BaseException]]], None]
 
 
+class JobLost(Exception):
+    """The job was canceled, reaped or claimed again while this attempt rendered it."""
+
+
 @dataclass
 class Rendered:
     """An image waiting to be encoded and stored."""
@@ -61,8 +65,18 @@ class Uploader:
     """At most `max_in_flight` images rendered but not yet stored: the render loop blocks beyond that
     (back-pressure), so a slow store costs time, never unbounded memory."""
 
-    def __init__(self, storage: Storage, *, threads: int = 2, max_in_flight: int = 16) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        threads: int = 2,
+        max_in_flight: int = 16,
+        event: Callable[[str, str, int], None] | None = None,
+        is_lost: Callable[[str], bool] | None = None,
+    ) -> None:
         self.storage = storage
+        self.event = event or (lambda name, job_id, seq: None)  # one log line per upload step
+        self.is_lost = is_lost or (lambda job_id: False)  # a canceled or reaped job is not uploaded
         self.max_in_flight = max_in_flight
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pool = ThreadPoolExecutor(
@@ -89,11 +103,16 @@ class Uploader:
     def _store(self, item: Rendered, batch: _Batch) -> None:
         ok: tuple[Claimed, StoredObject, int] | None = None
         bad: tuple[Claimed, BaseException] | None = None
+        job = item.job
         try:
-            data = encode_png(item.image, item.job)
-            key = object_key(self.storage.prefix, item.dataset, item.job.id)
-            stored = self.storage.put(key, data, metadata={"job_id": item.job.id, "seed": str(item.job.seed)})
-            ok = (item.job, stored, item.render_ms)
+            if self.is_lost(job.id):
+                raise JobLost(f"job {job.id} attempt {job.claim_seq} is no longer this worker's; not uploaded")
+            data = encode_png(item.image, job)
+            key = object_key(self.storage.prefix, item.dataset, job.id, job.claim_seq)
+            self.event("upload_start", job.id, job.claim_seq)
+            stored = self.storage.put(key, data, metadata={"job_id": job.id, "seed": str(job.seed)})
+            self.event("upload_end", job.id, job.claim_seq)
+            ok = (job, stored, item.render_ms)
             with self._lock:
                 self.stored_bytes += stored.bytes
         except Exception as exc:

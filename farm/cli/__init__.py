@@ -1,7 +1,7 @@
 """The `farm` command: parse, call the library, print. One module per command group:
 
 submit.py (submit, dispatch, reap), worker.py (worker, workers), status.py (status, jobs; watch.py draws the
-bars), control.py (cancel, retry, pause, resume), outputs.py (export, url, preview), doctor.py (doctor, config)
+bars), control.py (cancel, retry, pause, resume), outputs.py (export, url, preview, gc), doctor.py (doctor, config)
 and tools.py (db, models, condition, bench). Heavy parts (torch, Celery workers) load only inside the commands
 that run them, so `farm submit` and `farm status` start instantly.
 """
@@ -46,6 +46,7 @@ for _command in (
     outputs.export,
     outputs.url,
     outputs.preview,
+    outputs.gc,
     doctor.doctor,
     doctor.show_config,
     tools.db,

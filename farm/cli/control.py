@@ -34,20 +34,26 @@ def cancel(ctx: click.Context, target: str) -> None:
 
 @click.command()
 @click.argument("dataset")
-@click.option("--failed", is_flag=True, required=True, help="Retry the failed jobs (with a fresh set of attempts).")
+@click.option("--failed", is_flag=True, help="Retry the failed jobs (with a fresh set of attempts).")
+@click.option("--canceled", is_flag=True, help="Run the canceled jobs after all (with a fresh set of attempts).")
 @click.pass_context
-def retry(ctx: click.Context, dataset: str, failed: bool) -> None:
-    """Send a dataset's failed jobs again."""
+def retry(ctx: click.Context, dataset: str, failed: bool, canceled: bool) -> None:
+    """Send a dataset's failed (--failed) or canceled (--canceled) jobs again."""
     from farm.store.engine import open_store
     from farm.store.queries import dataset_id
+    from farm.store.schema import JobStatus
 
+    if not (failed or canceled):
+        raise click.UsageError("say which jobs to retry: --failed, --canceled or both")
     settings = settings_of(ctx)
     with errors():
         engine = open_store(settings)
         ds_id = dataset_id(engine, dataset)
+        states = [state for state, wanted in ((JobStatus.FAILED, failed), (JobStatus.CANCELED, canceled)) if wanted]
         with engine.begin() as conn:
-            moved = transitions.retry_failed(conn, ds_id)
-        click.echo(f"dataset {dataset}: {moved} failed jobs back to pending")
+            moved = {state: transitions.retry_finished(conn, ds_id, state) for state in states}
+        summary = ", ".join(f"{n} {state.value}" for state, n in moved.items())
+        click.echo(f"dataset {dataset}: {summary} jobs back to pending")
         dispatch_or_warn(settings, engine, ds_id)
 
 
@@ -61,8 +67,11 @@ def pause(ctx: click.Context, dataset: str) -> None:
 
     with errors():
         engine = open_store(settings_of(ctx))
+        ds_id = dataset_id(engine, dataset)
         with engine.begin() as conn:
-            transitions.set_paused(conn, dataset_id(engine, dataset), True)
+            transitions.set_paused(conn, ds_id, True)
+            # Out of the broker's window: their messages become no-ops, and resume sends them again.
+            transitions.requeue_queued(conn, ds_id)
     click.echo(f"dataset {dataset} paused: `farm resume {dataset}` sends its waiting jobs again")
 
 
@@ -80,7 +89,6 @@ def resume(ctx: click.Context, dataset: str) -> None:
         ds_id = dataset_id(engine, dataset)
         with engine.begin() as conn:
             transitions.set_paused(conn, ds_id, False)
-            # Messages delivered while paused were dropped by the guarded claim; send those jobs again.
-            requeued = transitions.requeue_queued(conn, ds_id)
+            requeued = transitions.requeue_queued(conn, ds_id)  # none, unless paused by an older farm
         click.echo(f"dataset {dataset} resumed ({requeued} waiting jobs)")
         dispatch_or_warn(settings, engine, ds_id)

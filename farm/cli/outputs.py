@@ -133,3 +133,24 @@ def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, colu
     click.echo(f"{len(result.images)} images")
     click.echo(f"contact sheet: {result.contact_sheet.resolve()}")
     click.echo(f"gallery: {result.gallery.resolve()}")
+
+
+@click.command()
+@click.argument("dataset", required=False)
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.pass_context
+def gc(ctx: click.Context, dataset: str | None, dry_run: bool) -> None:
+    """Delete stored images that no job names (left by late, duplicate, canceled or crashed attempts)."""
+    from farm.outputs.gc import collect
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_id
+
+    settings = settings_of(ctx)
+    with errors():
+        engine = open_store(settings)
+        if dataset is not None:
+            dataset_id(engine, dataset)  # an unknown name is an error, not "nothing to collect"
+        result = collect(engine, storage_for(settings), dataset=dataset, dry_run=dry_run)
+    for key in result.deleted:
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {key}")
+    click.echo(result.describe(dry_run))

@@ -41,6 +41,8 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
             return
         statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
         _print_statuses(statuses, as_json)
+        if not as_json:
+            _warn_if_nobody_reaps(engine, settings.lease_s, unfinished=any(not s.done for s in statuses))
 
 
 def _print_statuses(statuses: list[Any], as_json: bool) -> None:
@@ -56,6 +58,14 @@ def _print_statuses(statuses: list[Any], as_json: bool) -> None:
         click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
         for reason, n in s.unroutable.items():
             click.echo(f"  unroutable {n}: {reason}")
+
+
+def _warn_if_nobody_reaps(engine: Any, lease_s: float, *, unfinished: bool) -> None:
+    from farm.store.control import silence_warning
+
+    warning = silence_warning(engine, lease_s, unfinished=unfinished)
+    if warning:
+        click.echo(warning, err=True)
 
 
 @click.command()

@@ -73,7 +73,9 @@ from farm.errors import BrokerUnavailable
     "size (1024x1024,768x1344), steps (2..4), guidance_scale and conditioning_scale (comma lists).",
 )
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan; write nothing, send nothing.")
-@click.option("--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them.")
+@click.option(
+    "--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them now (workers will)."
+)
 @click.option(
     "--priority",
     type=click.IntRange(0, 9),
@@ -129,14 +131,17 @@ def submit(
         except BrokerUnavailable as exc:
             exit_broker_down(exc)
         if no_dispatch and not dry_run:
-            click.echo("not dispatched (--no-dispatch): run `farm dispatch` to send them")
+            click.echo(
+                "not dispatched now (--no-dispatch): running workers send pending jobs within seconds; "
+                "`farm dispatch` sends them at once, `farm pause` holds them"
+            )
 
 
 @click.command()
 @click.option("--dataset", default=None, help="Only this dataset (default: every dataset).")
 @click.pass_context
 def dispatch(ctx: click.Context, dataset: str | None) -> None:
-    """Publish pending jobs to the broker (after a broker outage, or a --no-dispatch submit)."""
+    """Top up the broker's window with pending jobs now (workers do it every few seconds on their own)."""
     from farm.store.engine import open_store
     from farm.store.queries import dataset_id
 
@@ -150,7 +155,10 @@ def dispatch(ctx: click.Context, dataset: str | None) -> None:
 @click.command()
 @click.pass_context
 def reap(ctx: click.Context) -> None:
-    """Return jobs whose worker died (lease expired) to the queue, or fail them after the last attempt."""
+    """One round of the reaper and dispatcher, as every worker's control loop runs it: expired leases back to
+    pending (or failed after the last attempt), lost messages sent again, each queue's window topped up."""
+    from farm.dispatch.broker import make_celery
+    from farm.dispatch.publish import resend_lost
     from farm.store.engine import open_store
     from farm.store.transitions import reap_expired
 
@@ -159,5 +167,10 @@ def reap(ctx: click.Context) -> None:
         engine = open_store(settings)
         with engine.begin() as conn:
             reaped = reap_expired(conn, max_attempts=settings.max_attempts)
-        click.echo(f"reaped {len(reaped.requeued)} jobs back to the queue, {len(reaped.failed)} failed")
+        click.echo(f"reaped {len(reaped.requeued)} jobs back to pending, {len(reaped.failed)} failed")
+        try:
+            resent = resend_lost(engine, make_celery(settings), settings, grace_s=0)
+        except BrokerUnavailable as exc:
+            exit_broker_down(exc)
+        click.echo(f"sent again {resent} queued jobs whose message was lost or stuck")
         dispatch_or_warn(settings, engine, None)

@@ -44,9 +44,6 @@ from farm.settings import with_overrides
     show_default=True,
     help="Serve Prometheus metrics on this port at /metrics (0: off).",
 )
-@click.option(
-    "--beat", is_flag=True, help="Also run the reaper on a schedule (start exactly one worker of the fleet with this)."
-)
 @click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def worker(
@@ -61,7 +58,6 @@ def worker(
     io_threads: int,
     low_memory: bool,
     metrics_port: int,
-    beat: bool,
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
@@ -96,7 +92,6 @@ def worker(
             max_batch=max_batch,
             io_threads=io_threads,
             low_memory=low_memory,
-            beat=beat,
             metrics_port=metrics_port,
             pool=pool,
         )
@@ -125,3 +120,15 @@ def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
         )
     if not rows and not as_json:
         click.echo("no workers have reported yet: start one with `farm worker`")
+    if not as_json:
+        from farm.store.control import duty_state, silence_warning
+        from farm.store.queries import has_unfinished
+
+        with errors():
+            engine = open_store(settings)
+            state = duty_state(engine)
+            warning = silence_warning(engine, settings.lease_s, unfinished=has_unfinished(engine))
+        if state.holder and not warning:
+            click.echo(f"reaper and dispatcher: {state.holder} ({state.note or 'starting'})")
+        if warning:
+            click.echo(warning, err=True)

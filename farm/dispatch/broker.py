@@ -11,7 +11,6 @@ from kombu.transport import sqlalchemy as sqla_transport
 from farm.settings import Settings
 
 RENDER_TASK = "farm.render"
-REAP_TASK = "farm.reap"
 
 
 class SQLBrokerTransport(sqla_transport.Transport):

@@ -20,10 +20,10 @@ from typing import IO, Any, TypeVar
 from sqlalchemy import BigInteger, Float, Integer, select
 from sqlalchemy.engine import Engine
 
-from farm.errors import FarmError
+from farm.errors import FarmError, StorageError
 from farm.job import EXPORT_FIELDS, ExportField
 from farm.outputs.destinations import Destination, open_destination
-from farm.storage import Storage, object_key
+from farm.storage import Storage
 from farm.store.queries import dataset_id
 from farm.store.schema import Job, JobStatus, utcnow
 
@@ -137,8 +137,9 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def _fetch(storage: Storage, dataset: str, row: dict[str, Any]) -> bytes:
     """A job's image, checked against the SHA-256 recorded when it was rendered."""
-    uri = row["uri"] or storage.uri_for(object_key(storage.prefix, dataset, row["job_id"]))
-    return storage.read_verified(uri, row["sha256"], what=f"the image of job {row['job_id']}")
+    if not row["uri"]:
+        raise StorageError(f"job {row['job_id']} succeeded without a recorded image URI")
+    return storage.read_verified(row["uri"], row["sha256"], what=f"the image of job {row['job_id']}")
 
 
 def _with_images(

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from farm.errors import FarmError, StorageError
-from farm.storage import Storage, object_key
+from farm.storage import Storage
 from farm.store.queries import dataset_id
 from farm.store.schema import Job, JobStatus
 
@@ -121,8 +121,9 @@ def make_preview(
 
 
 def _fetch(storage: Storage, dataset: str, item: PreviewImage) -> bytes:
-    uri = item.output_uri or storage.uri_for(object_key(storage.prefix, dataset, item.job_id))
-    return storage.read_verified(uri, item.sha256, what=f"the image of job {item.job_id}")
+    if not item.output_uri:
+        raise StorageError(f"job {item.job_id} has no recorded image URI")
+    return storage.read_verified(item.output_uri, item.sha256, what=f"the image of job {item.job_id}")
 
 
 def contact_sheet(items: list[tuple[PreviewImage, Image.Image]], *, columns: int, thumb_px: int) -> Image.Image:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +73,10 @@ class Storage(ABC):
         """Remove the object at ``key``; an absent object is not an error."""
 
     @abstractmethod
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix`` (a folder-like prefix ending in '/'), in no particular order."""
+
+    @abstractmethod
     def uri_for(self, key: str) -> str:
         """The URI that names ``key`` in this storage."""
 
@@ -119,12 +123,24 @@ def check_key_part(what: str, value: str) -> None:
         raise ValueError(f"{what} {value!r} is not allowed in a storage key (no '/', '\\\\', '..' or empty)")
 
 
-def object_key(prefix: str, dataset: str, job_id: str) -> str:
-    """The key of one job's image: ``{prefix}/{dataset}/{job_id}.png``, or ``{dataset}/{job_id}.png``."""
+def object_key(prefix: str, dataset: str, job_id: str, seq: int) -> str:
+    """The key of one attempt's image: ``{prefix}/{dataset}/{job_id}-{seq}.png`` (no prefix: ``{dataset}/…``).
+
+    ``seq`` is the attempt's claim sequence, its fencing token: a late or duplicate attempt writes beside the
+    winner, never over it; the job's row names the winner, and `farm gc` removes the others.
+    """
     check_key_part("dataset", dataset)
     check_key_part("job id", job_id)
+    if seq < 1:
+        raise ValueError(f"claim sequence must be at least 1, got {seq}")
     parts = prefix_parts(prefix)
-    return "/".join([*parts, dataset, f"{job_id}.png"])
+    return "/".join([*parts, dataset, f"{job_id}-{seq}.png"])
+
+
+def dataset_folder(prefix: str, dataset: str) -> str:
+    """The key prefix under which a dataset's images lie: ``{prefix}/{dataset}/``."""
+    check_key_part("dataset", dataset)
+    return "/".join([*prefix_parts(prefix), dataset]) + "/"
 
 
 def prefix_parts(prefix: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -107,6 +107,15 @@ class LocalStorage(Storage):
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"could not delete {key!r} under {self.root}: {exc.strerror or exc}") from exc
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Files under the folder ``prefix`` names (temp files of writes in progress excluded)."""
+        folder = self.root / prefix if prefix else self.root
+        if not folder.resolve().is_relative_to(self.root) or not folder.is_dir():
+            return
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                yield path.relative_to(self.root).as_posix()
 
     def uri_for(self, key: str) -> str:
         """``file:///abs/path`` for ``key``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote, urlsplit
@@ -201,6 +201,18 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as exc:
             self._fail(exc, "upload to", key)
         return self._confirm(key, size, digest)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix`` in this bucket, page by page."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield str(item["Key"])
+        except (ClientError, BotoCoreError) as exc:
+            self._fail(exc, "listing", prefix)
 
     def key_for_uri(self, uri: str) -> str:
         """The key of an ``s3://`` URI in this bucket."""

@@ -92,6 +92,16 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> set[str]:
+    """Every revision this code ships."""
+    from alembic.script import ScriptDirectory
+
+    import migrations
+
+    script = ScriptDirectory(str(Path(migrations.__file__).parent))
+    return {rev.revision for rev in script.walk_revisions()}
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply migrations up to `revision` (`farm db upgrade`)."""
     from alembic import command
@@ -111,6 +121,12 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
         raise ConfigError(f"cannot reach the job database {url}: {_first_line(exc)}") from exc
     if current == head_revision():
         return
+    if current is not None and current not in known_revisions():
+        # A newer farm upgraded the store: this code would write without the newer rules (fencing, …).
+        raise ConfigError(
+            f"the job database is at revision {current}, newer than this farm knows (it ships up to "
+            f"{head_revision()}): upgrade the farm on this machine before running it against that database"
+        )
     if auto_upgrade:
         with _upgrade_lock(engine):
             # Another process (a worker and a `farm status` starting together) may have upgraded meanwhile.

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import UnknownDataset
-from farm.store.schema import FINISHED, Dataset, Job, JobStatus, utcnow
+from farm.store.schema import FINISHED, UNFINISHED, Dataset, Job, JobStatus, utcnow
 
 # Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
 RATE_WINDOW_S = 120
@@ -64,6 +64,13 @@ class JobRow:
     worker: str | None
     output_uri: str | None
     error: str | None
+
+
+def has_unfinished(engine: Engine) -> bool:
+    """Whether any job of any dataset is pending, queued or running."""
+    with engine.connect() as conn:
+        found = conn.execute(select(Job.id).where(Job.status.in_([s.value for s in UNFINISHED])).limit(1)).first()
+    return found is not None
 
 
 def dataset_id(engine: Engine, name: str) -> int:

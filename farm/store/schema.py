@@ -103,8 +103,16 @@ class Job(Base):
     control_uri: Mapped[str | None] = mapped_column(Text)  # the stored condition image, content-addressed
     quantize: Mapped[str | None] = mapped_column(String(16))  # "int8" or NULL
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.PENDING.value)
+    # The attempt budget: reset by `farm retry`.
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # The fencing token: + 1 on every claim, never reset. An attempt's object key and every write it makes carry
+    # it, so a late or duplicate attempt can never change what a newer one recorded (revision 0007).
+    claim_seq: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # The worker incarnation (label#random, unique per process start) that holds or last held the job.
     worker: Mapped[str | None] = mapped_column(String(255))
+    # Where and when the job was last sent to the broker (dispatch keeps a bounded window per queue).
+    queue: Mapped[str | None] = mapped_column(String(255))
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -124,7 +132,21 @@ class Job(Base):
         Index("ix_jobs_dataset_finished", "dataset_id", "finished_at"),
         # Dispatch and the reaper look for jobs in one state across datasets.
         Index("ix_jobs_status_created", "status", "created_at"),
+        # The dispatch window: queued jobs per queue, oldest send first.
+        Index("ix_jobs_status_queued", "status", "queue", "queued_at"),
     )
+
+
+class Control(Base):
+    """A lease on a fleet-wide duty (the reaper and dispatcher loop): one worker incarnation holds it at a time."""
+
+    __tablename__ = "control"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # when the duty last ran to the end
+    note: Mapped[str | None] = mapped_column(Text)  # what the last run did, or why it failed
 
 
 class Worker(Base):
@@ -132,7 +154,7 @@ class Worker(Base):
 
     __tablename__ = "workers"
 
-    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # the incarnation: label#random
     pool: Mapped[str | None] = mapped_column(String(64))
     host: Mapped[str] = mapped_column(String(255), nullable=False)
     pid: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, func, or_, select, update
 from sqlalchemy.engine import Connection
@@ -26,26 +26,56 @@ def _id_in(conn: Connection, job_ids: Sequence[str]) -> ColumnElement[bool]:
     return Job.id.in_(list(job_ids))
 
 
-def mark_queued(conn: Connection, job_ids: Sequence[str]) -> int:
-    """pending → queued, once their task message is on the broker."""
-    moved = 0
+def mark_queued(conn: Connection, job_ids: Sequence[str], *, queue: str) -> list[str]:
+    """pending → queued on ``queue``, before their task is published; returns the ids this call took.
+
+    Guarded on `pending`, so of two dispatchers offering the same job only one takes it (and publishes it).
+    """
+    taken: list[str] = []
+    now = utcnow()
     for chunk in _chunks(job_ids):
-        result = conn.execute(
-            update(Job)
-            .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value)
-            .values(status=JobStatus.QUEUED.value, routing_note=None)
+        taken += (
+            conn.execute(
+                update(Job)
+                .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value)
+                .values(status=JobStatus.QUEUED.value, routing_note=None, queue=queue, queued_at=now)
+                .returning(Job.id)
+            )
+            .scalars()
+            .all()
         )
-        moved += result.rowcount
-    return moved
+    return taken
+
+
+def resend_stale(conn: Connection, *, queue: str, sent_before: datetime, limit: int) -> list[str]:
+    """Queued jobs on ``queue`` last sent before ``sent_before`` (their message was lost or is stuck): their
+    send time is moved to now and the ids returned, to be published again. A duplicate is a no-op at claim."""
+    stale = (
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED.value, Job.queue == queue, Job.queued_at < sent_before)
+        .order_by(Job.queued_at)
+        .limit(limit)
+    )
+    return list(
+        conn.execute(
+            update(Job)
+            .where(Job.id.in_(stale.scalar_subquery()), Job.status == JobStatus.QUEUED.value)
+            .where(Job.queued_at < sent_before)
+            .values(queued_at=utcnow())
+            .returning(Job.id)
+        )
+        .scalars()
+        .all()
+    )
 
 
 def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int, max_attempts: int) -> list[Claimed]:
     """Take ownership of the jobs that are still waiting (or whose lease expired), counting an attempt.
 
-    A job is claimable when pending or queued (its message may arrive before the dispatcher marked it
-    queued), running with an expired lease (its worker died), or running under this very worker name
-    (host:pid) but not being rendered, because this process lost a database write for it and a solo
-    worker renders one task at a time. Jobs out of attempts are not claimed.
+    A job is claimable when pending or queued, or running with an expired lease (its worker died or froze).
+    Never when running under a live lease, whoever holds it: a duplicate or late message is a no-op, also for
+    the worker incarnation that is rendering the job right now. Each claim takes the next claim_seq, the
+    fencing token of everything the attempt writes. Jobs out of attempts are not claimed.
     """
     now = utcnow()
     claimable = and_(
@@ -55,7 +85,6 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
         or_(
             Job.status.in_([JobStatus.PENDING.value, JobStatus.QUEUED.value]),
             and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
-            and_(Job.status == JobStatus.RUNNING.value, Job.worker == worker),
         ),
     )
     result = conn.execute(
@@ -64,6 +93,7 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
         .values(
             status=JobStatus.RUNNING.value,
             attempts=Job.attempts + 1,
+            claim_seq=Job.claim_seq + 1,
             worker=worker,
             started_at=now,
             lease_expires_at=now + timedelta(seconds=lease_s),
@@ -75,11 +105,18 @@ def claim(conn: Connection, job_ids: Sequence[str], *, worker: str, lease_s: int
     return [Claimed(**row._asdict()) for row in rows]
 
 
-def mark_succeeded(conn: Connection, job_id: str, *, worker: str, stored: StoredObject, render_ms: int) -> bool:
-    """running → succeeded, only for the worker that holds the job and only with a confirmed object."""
+def _holds(worker: str, job_id: str, seq: int) -> ColumnElement[bool]:
+    """The fence: the job is running under this incarnation's claim ``seq`` and no other."""
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker, Job.claim_seq == seq)
+
+
+def mark_succeeded(
+    conn: Connection, job_id: str, *, worker: str, seq: int, stored: StoredObject, render_ms: int
+) -> bool:
+    """running → succeeded, only for the attempt that holds the job (worker and claim_seq), with a confirmed object."""
     result = conn.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
+        .where(_holds(worker, job_id, seq))
         .values(
             status=JobStatus.SUCCEEDED.value,
             finished_at=utcnow(),
@@ -94,25 +131,31 @@ def mark_succeeded(conn: Connection, job_id: str, *, worker: str, stored: Stored
     return result.rowcount == 1
 
 
-def mark_succeeded_many(conn: Connection, done: Sequence[tuple[str, StoredObject, int]], *, worker: str) -> set[str]:
-    """mark_succeeded for a batch, in the caller's one transaction; returns the ids that were marked."""
+def mark_succeeded_many(
+    conn: Connection, done: Sequence[tuple[str, int, StoredObject, int]], *, worker: str
+) -> set[str]:
+    """mark_succeeded for a batch of (job id, seq, object, render ms), in the caller's one transaction; returns the
+    ids that were marked."""
     return {
         job_id
-        for job_id, stored, render_ms in done
-        if mark_succeeded(conn, job_id, worker=worker, stored=stored, render_ms=render_ms)
+        for job_id, seq, stored, render_ms in done
+        if mark_succeeded(conn, job_id, worker=worker, seq=seq, stored=stored, render_ms=render_ms)
     }
 
 
 def mark_attempt_failed(
-    conn: Connection, job_id: str, *, worker: str, error: str, max_attempts: int
+    conn: Connection,
+    job_id: str,
+    *,
+    worker: str,
+    seq: int,
+    error: str,
+    max_attempts: int,
+    retry_at: datetime | None = None,
 ) -> JobStatus | None:
-    """running → queued for another attempt, or → failed after the last one. Returns the new state,
-    or None if this worker no longer holds the job (it was reaped or canceled meanwhile)."""
-    row = conn.execute(
-        select(Job.attempts, Job.error).where(
-            Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker
-        )
-    ).first()
+    """running → queued for another attempt (sent at ``retry_at``), or → failed after the last one. Returns the
+    new state, or None if this attempt no longer holds the job (it was reaped, canceled or claimed again)."""
+    row = conn.execute(select(Job.attempts, Job.error).where(_holds(worker, job_id, seq))).first()
     if row is None:
         return None
     attempts = row.attempts
@@ -124,16 +167,9 @@ def mark_attempt_failed(
     }
     if target is JobStatus.FAILED:
         values["finished_at"] = utcnow()
-    result = conn.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == JobStatus.RUNNING.value,
-            Job.worker == worker,
-            Job.attempts == attempts,
-        )
-        .values(**values)
-    )
+    else:
+        values["queued_at"] = retry_at or utcnow()
+    result = conn.execute(update(Job).where(_holds(worker, job_id, seq), Job.attempts == attempts).values(**values))
     return target if result.rowcount == 1 else None
 
 
@@ -244,7 +280,8 @@ def set_paused(conn: Connection, dataset_id: int, paused: bool) -> None:
 
 
 def requeue_queued(conn: Connection, dataset_id: int) -> int:
-    """queued → pending for a dataset, so dispatch sends them again (after a pause dropped their messages)."""
+    """queued → pending for a dataset: on pause, so its jobs leave the dispatch window (their messages become
+    no-ops), and dispatch sends them again after resume."""
     return conn.execute(
         update(Job)
         .where(Job.dataset_id == dataset_id, Job.status == JobStatus.QUEUED.value)
@@ -252,22 +289,62 @@ def requeue_queued(conn: Connection, dataset_id: int) -> int:
     ).rowcount
 
 
-def retry_failed(conn: Connection, dataset_id: int) -> int:
-    """failed → pending with a fresh set of attempts; the earlier errors stay until the job succeeds."""
+def retry_finished(conn: Connection, dataset_id: int, state: JobStatus) -> int:
+    """failed or canceled → pending with a fresh set of attempts. The claim sequence goes on (the fence never
+    repeats); the earlier errors stay until the job succeeds."""
+    if state not in (JobStatus.FAILED, JobStatus.CANCELED):
+        raise ValueError(f"only failed or canceled jobs are retried, not {state}")
     return conn.execute(
         update(Job)
-        .where(Job.dataset_id == dataset_id, Job.status == JobStatus.FAILED.value)
+        .where(Job.dataset_id == dataset_id, Job.status == state.value)
         .values(status=JobStatus.PENDING.value, attempts=0, finished_at=None, worker=None)
     ).rowcount
 
 
-def extend_leases(conn: Connection, *, worker: str, lease_s: int) -> int:
-    """Renew the lease of every job this worker holds (rendering, or waiting for its upload)."""
-    return conn.execute(
-        update(Job)
-        .where(Job.worker == worker, Job.status == JobStatus.RUNNING.value)
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-    ).rowcount
+def renew_leases(conn: Connection, *, worker: str, held: Sequence[tuple[str, int]], lease_s: int) -> set[str]:
+    """Renew the leases of the jobs this incarnation holds in memory, (job id, claim seq) each; returns the ids
+    still held. A job missing from the answer was canceled, reaped or claimed again: its attempt must stop."""
+    wanted = dict(held)
+    renewed: set[str] = set()
+    until = utcnow() + timedelta(seconds=lease_s)
+    for chunk in _chunks(list(wanted)):
+        rows = conn.execute(
+            update(Job)
+            .where(_id_in(conn, chunk), Job.status == JobStatus.RUNNING.value, Job.worker == worker)
+            .values(lease_expires_at=until)
+            .returning(Job.id, Job.claim_seq)
+        ).all()
+        renewed |= {row.id for row in rows if wanted.get(row.id) == row.claim_seq}
+    return renewed
+
+
+def release(conn: Connection, *, worker: str, held: Sequence[tuple[str, int]]) -> list[str]:
+    """running → pending for attempts this incarnation gives back unfinished (a SIGTERM's grace ran out, a
+    result could not be recorded): the attempt is not counted, and dispatch sends the job again at once."""
+    released: list[str] = []
+    for job_id, seq in held:
+        result = conn.execute(
+            update(Job)
+            .where(_holds(worker, job_id, seq))
+            .values(
+                status=JobStatus.PENDING.value,
+                attempts=func.max(Job.attempts - 1, 0)
+                if conn.dialect.name == "sqlite"
+                else func.greatest(Job.attempts - 1, 0),
+                lease_expires_at=None,
+            )
+        )
+        if result.rowcount == 1:
+            released.append(job_id)
+    return released
+
+
+def held_by(conn: Connection, worker: str) -> list[tuple[str, int]]:
+    """(job id, claim seq) of the jobs running under this incarnation, as the database sees them."""
+    rows = conn.execute(
+        select(Job.id, Job.claim_seq).where(Job.worker == worker, Job.status == JobStatus.RUNNING.value)
+    ).all()
+    return [(row.id, row.claim_seq) for row in rows]
 
 
 def set_priority(conn: Connection, dataset_id: int, priority: int) -> None:
