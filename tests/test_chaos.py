@@ -277,6 +277,7 @@ def _run(chaos: Chaos) -> None:
     worker.terminate()
     code = worker.wait(timeout_s=60)
     assert code is not None, "the worker exited within its grace period (plus start-up of the shutdown)"
+    assert "shutting down: 2 s of grace" in worker.log()
     chaos.record("SIGTERM with a 2 s grace", worker=worker.name, exit_s=round(time.monotonic() - began, 1))
 
     # The end: every job final, then `farm gc`, then one object per job with its sha256.

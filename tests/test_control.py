@@ -79,3 +79,19 @@ def test_paused_datasets_are_not_claimed_and_resume_sends_them_again(farm) -> No
 def test_unknown_dataset_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--home", str(tmp_path), "pause", "nope"])
     assert result.exit_code == 2 and "no dataset named 'nope'" in result.output
+
+
+def test_retry_canceled_runs_canceled_jobs_after_all(farm) -> None:  # type: ignore[no-untyped-def]
+    farm("cancel", "doors")
+    output = farm("retry", "doors", "--canceled")
+    assert "3 canceled jobs back to pending" in output and "dispatched 3 jobs" in output
+    assert _states(farm.engine) == ["queued"] * 3
+
+
+def test_status_and_workers_say_when_no_reaper_has_run(farm) -> None:  # type: ignore[no-untyped-def]
+    # Problem 1: with no reaper running, expired leases were never reaped and nothing said so.
+    for command in (("status",), ("status", "doors"), ("workers",)):
+        assert "the reaper and dispatcher has never run" in farm(*command)
+    assert "reaper" not in farm("status", "doors", "--json")
+    farm("cancel", "doors")  # nothing unfinished: nothing to warn about
+    assert "reaper" not in farm("status")

@@ -123,3 +123,16 @@ def test_worker_deadline_of_zero_means_none(tmp_path: Path, tiny_dir: Path) -> N
     outcome = render_jobs(runtime, ids, wait=True)
     assert (outcome.rendered, outcome.render_failed) == (2, 0)
     assert all(row.status == "succeeded" for row in _rows(engine, ids).values())  # type: ignore[attr-defined]
+
+
+def test_an_interrupt_stops_the_render_after_the_step_it_is_asked_at(pipe: PixArtAlphaPipeline) -> None:
+    from models.pipeline import RenderInterrupted
+
+    asked: list[int] = []
+
+    def interrupt() -> str | None:
+        asked.append(1)
+        return "its jobs were canceled" if len(asked) == 2 else None
+
+    with pytest.raises(RenderInterrupted, match=r"after step 2 of 4: its jobs were canceled"):
+        render_batch(pipe, _requests(), interrupt=interrupt)

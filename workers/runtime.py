@@ -13,7 +13,7 @@ from datetime import datetime
 
 from celery import Celery
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from farm.settings import Settings
 from farm.storage import Storage, storage_for
@@ -117,11 +117,16 @@ class WorkerRuntime:
     _rate_mark: tuple[float, int] = field(default_factory=lambda: (time.monotonic(), 0))
     _dataset_names: dict[int, str] = field(default_factory=dict)
 
-    def dataset_name(self, dataset_id: int) -> str:
-        """A dataset's name (part of its object keys); names never change, so each is read once."""
+    def dataset_name(self, dataset_id: int, conn: Connection | None = None) -> str:
+        """A dataset's name (part of its object keys); names never change, so each is read once, at claim time
+        (``conn``: the claim's transaction), so that rendering and uploading need no database."""
         if dataset_id not in self._dataset_names:
-            with self.engine.connect() as conn:
-                name = conn.execute(select(Dataset.name).where(Dataset.id == dataset_id)).scalar_one()
+            query = select(Dataset.name).where(Dataset.id == dataset_id)
+            if conn is not None:
+                name = conn.execute(query).scalar_one()
+            else:
+                with self.engine.connect() as own:
+                    name = own.execute(query).scalar_one()
             self._dataset_names[dataset_id] = str(name)
         return self._dataset_names[dataset_id]
 

@@ -55,6 +55,8 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
             conn, job_ids, worker=rt.name, lease_s=rt.settings.lease_s, max_attempts=rt.settings.max_attempts
         )
         METRICS.observe_queue_wait(conn, [job.id for job in claimed])
+        for dataset_id in {job.dataset_id for job in claimed}:
+            rt.dataset_name(dataset_id, conn)
     rt.holdings.add([job.held for job in claimed])
     for job in claimed:
         rt.event("claimed", job.id, job.claim_seq)
@@ -63,6 +65,21 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
     rt.stats.skipped += outcome.skipped
     # 2. Render compatible jobs in batches of at most max_batch, one generator per image.
     batches = list(_batches(claimed, rt.max_batch))
+    try:
+        _render_batches(rt, batches, outcome)
+    except BaseException:
+        # Whatever was not handed to the upload pool or recorded must not stay held (renewed for ever): back to
+        # pending if the database can say so, else its lease expires and the reaper takes it.
+        pending = [job for batch in batches for job in batch if job.id in dict(rt.holdings.snapshot())]
+        handed = rt.uploader.holding()
+        _release(rt, [job for job in pending if job.id not in handed])
+        raise
+    if wait:
+        rt.uploader.drain()
+    return outcome
+
+
+def _render_batches(rt: WorkerRuntime, batches: list[list[Claimed]], outcome: Outcome) -> None:
     last_batch_s = 0.0
     for index, batch in enumerate(batches):
         grace = rt.grace_left()
@@ -83,9 +100,6 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
         # 3. Encode, upload, confirm and mark succeeded in the background; blocks when the pool is full.
         if rendered:
             rt.uploader.submit(rendered, lambda done, failed: _uploaded(rt, done, failed))
-    if wait:
-        rt.uploader.drain()
-    return outcome
 
 
 def release_held(rt: WorkerRuntime) -> None:

@@ -85,6 +85,7 @@ class Uploader:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.in_flight = 0  # queued and not yet stored and recorded (what drain() waits for)
+        self._jobs: set[str] = set()
         self.images_held = 0  # rendered images in memory, waiting for or being encoded/uploaded
         self.peak_images_held = 0
         self.stored_bytes = 0
@@ -96,6 +97,7 @@ class Uploader:
             self._slots.acquire()
             with self._lock:
                 self.in_flight += 1
+                self._jobs.add(item.job.id)
                 self.images_held += 1
                 self.peak_images_held = max(self.peak_images_held, self.images_held)
             self._pool.submit(self._store, item, tracker)
@@ -128,8 +130,14 @@ class Uploader:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self._jobs.discard(item.job.id)
                 if self.in_flight == 0:
                     self._idle.notify_all()
+
+    def holding(self) -> set[str]:
+        """Ids of the jobs whose images are queued or being stored now."""
+        with self._lock:
+            return set(self._jobs)
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued image is stored and recorded; True if it got there in time."""
