@@ -264,7 +264,8 @@ def _time_cli(settings: Settings, name: str) -> tuple[float, int | None]:
     elapsed = (time.perf_counter() - started) * 1000
     if done.returncode != 0:
         raise RuntimeError(f"`farm status {name} --json` exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    return elapsed, json.loads(done.stdout).get("total")
+    [status] = json.loads(done.stdout)  # `farm status NAME --json`: an array holding that one dataset
+    return elapsed, status.get("total")
 
 
 def _drop_dataset(engine: Engine, name: str) -> None:

@@ -27,4 +27,4 @@ farm jobs demo --limit 3
 farm preview demo --out "$home/demo-preview" --columns 8
 echo "images: $home/images/demo/ ($(ls "$home/images/demo" | wc -l) files); worker log: $home/demo-worker.log"
 echo "demo took $(( $(date +%s) - started )) s"
-farm status demo --json | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if s["counts"]["failed"] == 0 and s["done"] else 1)'
+farm status demo --json | python3 -c 'import json,sys; [s]=json.load(sys.stdin); sys.exit(0 if s["counts"]["failed"] == 0 and s["done"] else 1)'

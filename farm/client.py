@@ -38,7 +38,12 @@ __all__ = ["Client", "FinishedImage", "SubmitResult"]
 
 _PAGE = 500
 # submit(**options): SubmitOptions' fields, and `steps` as the CLI spells num_inference_steps.
-_OPTION_NAMES = tuple(f.name for f in fields(SubmitOptions) if f.name not in ("dataset", "vary"))
+# The limits come from the settings, the folders from control_dir: neither is a per-call option.
+_OPTION_NAMES = tuple(
+    f.name
+    for f in fields(SubmitOptions)
+    if f.name not in ("dataset", "vary", "control_dirs", "control_image_max_bytes", "max_line_bytes")
+)
 
 Prompts = Sequence[str] | Sequence[Mapping[str, Any]] | str | os.PathLike[str]
 Vary = Sequence[str] | Mapping[str, Any]
@@ -105,6 +110,7 @@ class Client:
         vary: Vary | None = None,
         dispatch: bool = True,
         dry_run: bool = False,
+        control_dir: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> SubmitResult:
         """Validate every prompt, then record and dispatch the jobs, as `farm submit` does.
@@ -114,8 +120,9 @@ class Client:
         guidance_scale, images_per_prompt, seed, control_image, controlnet, conditioning_scale, quantize.
         vary: ["seed=0..7", "size=1024x1024,768x1344"] or {"seed": range(8), "size": [(1024, 1024)]}.
         A bad value raises InvalidSubmission and writes nothing; dry_run=True only plans (result.plan).
+        control_dir: the folder control_image paths in the rows (or in the file, besides its own folder) may name.
         """
-        submit_options = self._options(dataset, vary, options)
+        submit_options = self._options(dataset, vary, options, control_dir)
         if isinstance(prompts, str | os.PathLike):
             path = Path(prompts)
             if path.suffix.lower() not in FORMATS:
@@ -126,8 +133,9 @@ class Client:
                 )
             plan = plan_submission(path, submit_options)
         else:
-            # Relative control_image paths in the dicts resolve against the working folder.
-            plan = plan_rows(rows_from_records(prompts), submit_options, base_dir=Path.cwd())
+            # Paths in the dicts are as untrusted as those in a file: they resolve inside control_dir only.
+            base = Path(control_dir) if control_dir is not None else None
+            plan = plan_rows(rows_from_records(prompts), submit_options, base_dir=base)
         engine = None if dry_run else self.engine
         return submit_plan(self.settings, plan, dispatch=dispatch, dry_run=dry_run, engine=engine)
 
@@ -202,7 +210,9 @@ class Client:
     ) -> None:
         self.close()
 
-    def _options(self, dataset: str, vary: Vary | None, options: dict[str, Any]) -> SubmitOptions:
+    def _options(
+        self, dataset: str, vary: Vary | None, options: dict[str, Any], control_dir: str | os.PathLike[str] | None
+    ) -> SubmitOptions:
         if "steps" in options:
             if "num_inference_steps" in options:
                 raise TypeError("give steps or num_inference_steps, not both")
@@ -217,7 +227,14 @@ class Client:
         if options.get("quantize") == "none":
             options["quantize"] = None
         options.setdefault("model", self.settings.default_model)
-        return SubmitOptions(dataset=dataset, vary=_vary_texts(vary), **options)
+        return SubmitOptions(
+            dataset=dataset,
+            vary=_vary_texts(vary),
+            control_dirs=(Path(control_dir),) if control_dir is not None else (),
+            control_image_max_bytes=self.settings.control_image_max_bytes,
+            max_line_bytes=self.settings.max_line_bytes,
+            **options,
+        )
 
 
 def _vary_texts(vary: Vary | None) -> tuple[str, ...]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One image, fully determined: its id is a hash of the dataset and all of these fields but the line and URI."""
+    """One image, fully determined: its id is a hash of the dataset and all of these fields but where it came from
+    (file and line) and where its condition is stored."""
 
     prompt: str
     seed: int
@@ -29,6 +30,7 @@ class JobSpec:
     control_sha256: str | None = None
     control_uri: str | None = None  # set when the condition is stored; derived from control_sha256, so not hashed
     quantize: str | None = None
+    source_file: str | None = None  # the prompt file the line is in (`<prompts>` for a Python list); not hashed
 
     def id_in(self, dataset: str) -> str:
         """The job's id in ``dataset``, deterministic: the same image asked for twice in a dataset is one job."""
@@ -95,7 +97,9 @@ class ExportField:
 
 
 # Inputs that leave the farm with each image; the line, the condition's hash and its stored URI stay inside.
-EXPORTED_INPUTS = tuple(name for name in INPUT_FIELDS if name not in ("source_line", "control_sha256", "control_uri"))
+EXPORTED_INPUTS = tuple(
+    name for name in INPUT_FIELDS if name not in ("source_line", "source_file", "control_sha256", "control_uri")
+)
 
 EXPORT_FIELDS: tuple[ExportField, ...] = (
     ExportField("job_id", "id"),

@@ -15,7 +15,16 @@ from farm.errors import ConfigError
 from farm.secrets import redact
 
 # Each setting: (field, environment variable, type). The toml file uses the field names.
-_INT_FIELDS = {"max_attempts", "lease_s", "batch_size", "retry_backoff_s", "retry_backoff_max_s", "dispatch_window"}
+_INT_FIELDS = {
+    "max_attempts",
+    "lease_s",
+    "batch_size",
+    "retry_backoff_s",
+    "retry_backoff_max_s",
+    "dispatch_window",
+    "control_image_max_bytes",
+    "max_line_bytes",
+}
 _FLOAT_FIELDS = {"render_deadline_s", "shutdown_grace_s"}
 # Fields that only the config file sets (tables, and which file it was), never a FARM_* variable.
 _FROM_FILE = {"pools", "config_file"}
@@ -47,6 +56,9 @@ class Settings:
     dispatch_window: int = 1024
     # On SIGTERM a worker finishes what fits in this many seconds, hands the rest back, and exits.
     shutdown_grace_s: float = 30.0
+    # Submit refuses a control image larger than this, and a prompt-file line longer than this.
+    control_image_max_bytes: int = 64 << 20
+    max_line_bytes: int = 1 << 20
     # `[pools.NAME]` tables of farm.toml: pool name → the options it sets (POOL_KEYS), read with everything else.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     config_file: Path | None = None  # the farm.toml the settings and pools came from, if any
@@ -218,6 +230,8 @@ def _validate(s: Settings) -> None:
         ("batch_size", 1),
         ("retry_backoff_s", 0),
         ("dispatch_window", 1),
+        ("control_image_max_bytes", 1),
+        ("max_line_bytes", 64),
     ):
         if getattr(s, name) < low:
             raise ConfigError(f"{name} must be at least {low}, got {getattr(s, name)}")

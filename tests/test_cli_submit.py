@@ -100,7 +100,7 @@ def test_status_json_and_jobs_listing(home: Path, prompts: Path) -> None:
 
     status = _farm(home, "status", "d", "--json")
     assert status.exit_code == 0, status.output
-    payload = json.loads(status.output)
+    [payload] = json.loads(status.output)
     assert payload["dataset"] == "d"
     assert payload["counts"]["pending"] == N
     assert set(payload["counts"]) == {"pending", "queued", "running", "succeeded", "failed", "canceled"}
@@ -113,7 +113,7 @@ def test_status_json_and_jobs_listing(home: Path, prompts: Path) -> None:
     lines = jobs.output.strip().splitlines()
     assert len(lines) == N
     assert all("pending" in line for line in lines)
-    assert [line.split("line ")[1].split()[0] for line in lines] == ["1", "2", "4", "5"]  # blank line 3 skipped
+    assert [line.split(f"{prompts}:")[1].split()[0] for line in lines] == ["1", "2", "4", "5"]  # blank 3 skipped
 
     assert _farm(home, "jobs", "d", "--state", "succeeded").output.strip() == ""
 

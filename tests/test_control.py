@@ -45,7 +45,7 @@ def test_cancel_a_dataset_and_a_single_job(farm) -> None:  # type: ignore[no-unt
     assert "1 unfinished jobs canceled" in farm("cancel", one)
     assert _states(farm.engine) == ["canceled", "pending", "pending"]
     assert "2 unfinished jobs canceled" in farm("cancel", "doors")
-    assert json.loads(farm("status", "doors", "--json"))["counts"]["canceled"] == 3
+    assert json.loads(farm("status", "doors", "--json"))[0]["counts"]["canceled"] == 3
     assert "0 unfinished jobs canceled" in farm("cancel", "doors")  # finished jobs stay as they are
 
 

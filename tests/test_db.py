@@ -51,7 +51,7 @@ def test_postgres_spellings_use_psycopg3() -> None:
 def test_unreachable_database_is_a_plain_error_without_the_password(tmp_path: Path) -> None:
     url = f"postgresql+psycopg://farm:sup3r-secret@127.0.0.1:{free_port()}/farm"
     result = run_farm(["status"], farm_env(FARM_HOME=str(tmp_path), FARM_DATABASE_URL=url))
-    assert result.returncode == 1
+    assert result.returncode == 3  # a service that cannot be reached
     assert "cannot reach the job database" in result.stderr
     assert "Traceback" not in result.stderr
     assert "sup3r-secret" not in result.stdout + result.stderr
@@ -79,10 +79,15 @@ def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> 
             text("SELECT id, controlnet, conditioning_scale, control_sha256, control_uri, quantize FROM jobs")
         ).one()
     assert tuple(row) == ("j1", None, None, None, None, None)
-    assert current_revision(engine) == head_revision() == "0007"
+    assert current_revision(engine) == head_revision() == "0008"
     with engine.connect() as conn:  # and the dataset survived the later migrations, unpaused
         assert tuple(conn.execute(text("SELECT name, paused FROM datasets")).one()) == ("d", 0)
-        assert tuple(conn.execute(text("SELECT claim_seq, queue, queued_at FROM jobs")).one()) == (0, None, None)
+        assert tuple(conn.execute(text("SELECT claim_seq, queue, queued_at, source_file FROM jobs")).one()) == (
+            0,
+            None,
+            None,
+            None,
+        )
 
 
 def test_a_store_newer_than_this_code_is_refused_not_written(tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
     finally:
         assert worker.stop() == 0, worker.log()[-3000:]
 
-    status = json.loads(run_farm(["status", dataset, "--json"], env).stdout)
+    [status] = json.loads(run_farm(["status", dataset, "--json"], env).stdout)
     assert status["counts"]["succeeded"] == 20 and status["total"] == 20, status
 
     client = s3_server.client()
@@ -123,7 +123,7 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
 
 def _dataset_done(env: dict[str, str], dataset: str) -> bool:
     result = run_farm(["status", dataset, "--json"], env)
-    return result.returncode == 0 and json.loads(result.stdout)["done"]
+    return result.returncode == 0 and json.loads(result.stdout)[0]["done"]
 
 
 def test_embedded_default_runs_the_same_path(tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_embedded_default_runs_the_same_path(tmp_path: Path) -> None:
         wait_until(lambda: _dataset_done(env, "embedded"), timeout_s=240, what="embedded dataset", worker=worker)
     finally:
         worker.stop()
-    status = json.loads(run_farm(["status", "embedded", "--json"], env).stdout)
+    [status] = json.loads(run_farm(["status", "embedded", "--json"], env).stdout)
     assert status["counts"]["succeeded"] == 6
 
     files = sorted((home / "images" / "embedded").glob("*.png"))
@@ -182,14 +182,14 @@ def test_broker_down_at_submit_keeps_jobs_pending_until_dispatch(
     assert "5 new jobs" in down.stdout
     assert "farm dispatch" in down.stderr and "nothing is lost" in down.stderr
     assert "hunter2-secret" not in down.stdout + down.stderr
-    status = json.loads(run_farm(["status", dataset, "--json"], dead).stdout)
+    [status] = json.loads(run_farm(["status", dataset, "--json"], dead).stdout)
     assert status["counts"]["pending"] == 5
 
     live = farm_env(**base, FARM_BROKER_URL=redis_url)
     sent = run_farm(["dispatch", "--dataset", dataset], live)
     assert sent.returncode == 0, sent.stderr
     assert "dispatched 5 jobs" in sent.stdout
-    assert json.loads(run_farm(["status", dataset, "--json"], live).stdout)["counts"]["queued"] == 5
+    assert json.loads(run_farm(["status", dataset, "--json"], live).stdout)[0]["counts"]["queued"] == 5
     again = run_farm(["dispatch", "--dataset", dataset], live)
     assert "dispatched 0 jobs" in again.stdout  # queued jobs are not sent twice
 
@@ -198,6 +198,6 @@ def test_broker_down_at_submit_keeps_jobs_pending_until_dispatch(
         wait_until(lambda: _dataset_done(live, dataset), timeout_s=240, what="dispatched jobs", worker=worker)
     finally:
         worker.stop()
-    final = json.loads(run_farm(["status", dataset, "--json"], live).stdout)
+    [final] = json.loads(run_farm(["status", dataset, "--json"], live).stdout)
     assert final["counts"]["succeeded"] == 5
     assert len(list((tmp_path / "images" / dataset).glob("*.png"))) == 5

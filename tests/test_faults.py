@@ -44,7 +44,7 @@ def _jobs(engine, dataset: str) -> list:  # type: ignore[no-untyped-def]
 
 
 def _counts(env: dict[str, str], dataset: str) -> dict[str, int]:
-    return json.loads(run_farm(["status", dataset, "--json"], env).stdout)["counts"]
+    return json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["counts"]
 
 
 def _one_object_per_job(images: Path, jobs: list, env: dict[str, str] | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +94,7 @@ def test_worker_killed_mid_batch_loses_nothing(
     rescuer = Worker(env, tmp_path / "rescuer.log")
     try:
         wait_until(
-            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["done"],
             timeout_s=240,
             what="every job after the kill",
             worker=rescuer,
@@ -204,7 +204,7 @@ def test_worker_reconnects_when_postgres_drops_its_connections(
             ).fetchone()
         assert dropped is not None and dropped[0] > 0
         wait_until(
-            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["done"],
             timeout_s=240,
             what="every job after the drop",
             worker=worker,
@@ -257,7 +257,7 @@ def test_redis_restart_without_persistence_loses_nothing(tmp_path: Path, bench_h
         broker.restart()  # SIGKILL and start again on the same port: the queue is empty
         assert queued_before > 0
         wait_until(
-            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["done"],
             timeout_s=240,
             what="every job after the restart",
             worker=worker,

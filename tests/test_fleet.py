@@ -82,7 +82,7 @@ def test_a_pool_worker_registers_reports_what_it_loaded_and_stops_cleanly(tmp_pa
         (tmp_path / "p.txt").write_text("a pool test\n")
         assert run_farm(["submit", "p.txt", "--dataset", "pool"], env, cwd=tmp_path).returncode == 0
         wait_until(
-            lambda: json.loads(run_farm(["status", "pool", "--json"], env, cwd=tmp_path).stdout)["done"],
+            lambda: json.loads(run_farm(["status", "pool", "--json"], env, cwd=tmp_path).stdout)[0]["done"],
             timeout_s=120,
             what="the pool's job",
             worker=process,

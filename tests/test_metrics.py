@@ -73,7 +73,7 @@ def test_a_real_worker_serves_its_metrics(tmp_path: Path, tiny_model: Path) -> N
 
         def done() -> bool:
             result = run_farm(["status", "metrics", "--json"], env)
-            return result.returncode == 0 and json.loads(result.stdout)["counts"]["succeeded"] == 3
+            return result.returncode == 0 and json.loads(result.stdout)[0]["counts"]["succeeded"] == 3
 
         wait_until(done, timeout_s=240, what="three images", worker=worker)
         url = f"http://127.0.0.1:{port}/metrics"

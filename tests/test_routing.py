@@ -114,7 +114,7 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: 
         assert "3 jobs unroutable" in farm("dispatch", "--dataset", "nobody")
         for name in ("eight-bit", "controlled"):
             wait_until(
-                lambda name=name: json.loads(farm("status", name, "--json"))["done"],
+                lambda name=name: json.loads(farm("status", name, "--json"))[0]["done"],
                 timeout_s=180,
                 what=f"dataset {name}",
                 worker=pools[1],
@@ -136,7 +136,7 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: 
         ("eight-bit", "int8", "succeeded"),
         ("nobody", None, "pending"),
     ]
-    nobody = json.loads(farm("status", "nobody", "--json"))
+    [nobody] = json.loads(farm("status", "nobody", "--json"))
     assert nobody["unroutable"] == 3
     assert "no pool serves these jobs" in next(iter(nobody["unroutable_reasons"]))
     assert "unroutable 3: no pool serves these jobs (int8: model bench-small" in farm("status", "nobody")
@@ -162,7 +162,7 @@ def test_higher_priority_datasets_render_first(tmp_path: Path, pg_url: str, redi
     try:
         for name in (low, urgent):
             wait_until(
-                lambda name=name: json.loads(run_farm(["status", name, "--json"], env).stdout)["done"],
+                lambda name=name: json.loads(run_farm(["status", name, "--json"], env).stdout)[0]["done"],
                 timeout_s=180,
                 what=f"dataset {name}",
                 worker=worker,

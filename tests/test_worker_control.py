@@ -174,14 +174,14 @@ def test_controlled_dataset_through_a_real_worker_process(tmp_path: Path) -> Non
     worker = Worker(env, tmp_path / "worker.log")
     try:
         wait_until(
-            lambda: json.loads(run_farm(["status", "controlled", "--json"], env).stdout)["done"],
+            lambda: json.loads(run_farm(["status", "controlled", "--json"], env).stdout)[0]["done"],
             timeout_s=240,
             what="controlled dataset",
             worker=worker,
         )
     finally:
         worker.stop()
-    status = json.loads(run_farm(["status", "controlled", "--json"], env).stdout)
+    [status] = json.loads(run_farm(["status", "controlled", "--json"], env).stdout)
     assert status["counts"]["succeeded"] == 3, worker.log()[-3000:]
     assert "caches:" in worker.log()
 

@@ -182,3 +182,41 @@ def test_a_worker_whose_heartbeat_fails_claims_nothing(tmp_path: Path, bench_sma
     rt.leases.last_ok = time.monotonic() - settings.lease_s  # no successful beat for a whole lease
     assert render_jobs(rt, ids).claimed == 0
     assert [row.status for row in _rows(engine, ids)] == ["pending"]
+
+
+@pytest.mark.integration
+def test_a_retry_keeps_its_datasets_priority_and_queue(
+    tmp_path: Path, tiny_model: Path, pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    # Retries were published with no priority, and so jumped ahead of urgent datasets on Redis priority queues.
+    import base64
+    import json
+    import shutil
+
+    import redis
+
+    settings = load_settings(
+        {}, home=str(tmp_path / "home"), database_url=pg_url, broker_url=redis_url, queue=queue_name
+    )
+    engine = make_engine(pg_url)
+    broken = shutil.copytree(tiny_model, tmp_path / "broken")
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    path = tmp_path / "p.txt"
+    path.write_text("a prompt whose model never loads\n")
+    dataset = f"prio-{queue_name}"
+    plan = plan_submission(path, SubmitOptions(dataset=dataset, model=str(broken)))
+    recorded = record(engine, plan)
+    with engine.begin() as conn:
+        transitions.set_priority(conn, recorded.dataset_id, 7)
+    rt = WorkerRuntime.build(settings, make_celery(settings), name="w-prio")
+    try:
+        assert render_jobs(rt, plan.ids).render_failed == 1
+    finally:
+        rt.leases.stop()
+    client = redis.Redis.from_url(redis_url)
+    messages = [json.loads(raw) for key in client.keys(f"{queue_name}*") for raw in client.lrange(key, 0, -1)]
+    assert len(messages) == 1
+    assert messages[0]["properties"]["priority"] == 9 - 7  # kombu serves 0 first: the farm's 9 is kombu's 0
+    assert json.loads(base64.b64decode(messages[0]["body"]))[0] == [plan.ids]
+    engine.dispose()

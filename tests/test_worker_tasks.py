@@ -116,14 +116,14 @@ def test_poison_job_through_a_real_worker_and_redis(
     worker = Worker(env, tmp_path / "worker.log")
     try:
         wait_until(
-            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)["done"],
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["done"],
             timeout_s=240,
             what="poison dataset to finish",
             worker=worker,
         )
     finally:
         worker.stop()
-    counts = json.loads(run_farm(["status", dataset, "--json"], env).stdout)["counts"]
+    counts = json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["counts"]
     assert (counts["succeeded"], counts["failed"]) == (3, 1)
     failed = run_farm(["jobs", dataset, "--state", "failed", "--json"], env)
     [row] = [json.loads(line) for line in failed.stdout.splitlines()]

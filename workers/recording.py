@@ -25,6 +25,7 @@ from sqlalchemy.exc import OperationalError as SQLOperationalError
 from farm.dispatch.broker import RENDER_TASK
 from farm.errors import FarmError
 from farm.job import Claimed
+from farm.secrets import scrub
 from farm.storage import StoredObject
 from farm.store import transitions
 from farm.store.schema import Dataset, Job, JobStatus, utcnow
@@ -127,7 +128,7 @@ def _fail(rt: WorkerRuntime, conn: Connection, job: Claimed, exc: BaseException)
         job.id,
         worker=rt.name,
         seq=job.claim_seq,
-        error=_describe(exc),
+        error=scrub(_describe(exc), rt.settings),  # job errors are shown by status, jobs and exports
         max_attempts=rt.settings.max_attempts,
         retry_at=utcnow() + timedelta(seconds=delay),
     )

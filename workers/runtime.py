@@ -199,7 +199,7 @@ class WorkerRuntime:
             "caches": caches.stats(),
         }
         device, memory = _device(self.settings.device)
-        return fleet.Heartbeat(
+        heartbeat = fleet.Heartbeat(
             self.name,
             self.pool,
             socket.gethostname(),
@@ -211,6 +211,10 @@ class WorkerRuntime:
             rate,
             self.started_at,
         )
+        # Model names and descriptions may quote a configured URL: its secrets never reach the workers table.
+        from farm.secrets import secrets_of
+
+        return fleet.scrubbed(heartbeat, secrets_of(self.settings))
 
 
 def _device(requested: str) -> tuple[str, int | None]:

@@ -3,7 +3,8 @@
 submit.py (submit, dispatch, reap), worker.py (worker, workers), status.py (status, jobs; watch.py draws the
 bars), control.py (cancel, retry, pause, resume), outputs.py (export, url, preview, gc), doctor.py (doctor, config)
 and tools.py (db, models, condition, bench). Heavy parts (torch, Celery workers) load only inside the commands
-that run them, so `farm submit` and `farm status` start instantly.
+that run them, so `farm submit` and `farm status` start instantly. Errors are answered in one place,
+farm/cli/common.py's FarmGroup: one line and an exit status (2 fixable input, 3 a service away, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 import click
 
 from farm.cli import control, doctor, outputs, status, submit, tools, worker
-from farm.cli.common import errors
+from farm.cli.common import FarmGroup
 from farm.settings import load_settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FarmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
@@ -27,8 +28,7 @@ from farm.settings import load_settings
 @click.pass_context
 def main(ctx: click.Context, home: Path | None) -> None:
     """PixArt-δ render farm: submit prompt files, render them on GPU workers, collect the dataset."""
-    with errors():
-        ctx.obj = load_settings(home=str(home) if home else None)
+    ctx.obj = load_settings(home=str(home) if home else None)
 
 
 for _command in (

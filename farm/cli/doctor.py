@@ -1,8 +1,8 @@
 """`farm doctor`: check the database, broker, storage, models and CUDA, and say in plain words what is wrong.
 `farm config`: the effective settings.
 
-Every line it prints goes through `scrub`, which masks URL passwords and the values of secret variables,
-so the report can be pasted into an issue as it is.
+Every line either prints goes through `scrub`, which masks URL passwords, secret query parameters
+(`?password=`, `?token=`, …) and the values of secret variables, so the report can be pasted into an issue as it is.
 """
 
 from __future__ import annotations
@@ -117,9 +117,13 @@ def check_database(settings: Settings) -> Check:
 def check_broker(settings: Settings) -> Check:
     """Open one connection to the broker, with a single quick retry."""
     from farm.dispatch.broker import make_celery
+    from farm.errors import ConfigError
 
     where = redact(settings.broker_url)
-    app = make_celery(settings)
+    try:
+        app = make_celery(settings)
+    except ConfigError as exc:  # a URL kombu cannot parse: no connection to try
+        return Check("broker", Level.FAIL, _first_line(exc), "check FARM_BROKER_URL")
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=CONNECT_TIMEOUT_S)
@@ -311,5 +315,9 @@ def doctor(ctx: click.Context) -> None:
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Print the effective settings, secrets masked."""
-    for key, value in settings_of(ctx).describe().items():
-        click.echo(f"{key} = {value}")
+    from farm.secrets import scrub, secrets_of
+
+    settings = settings_of(ctx)
+    hidden = secrets_of(settings)  # describe() redacts each URL; this also catches a secret redact cannot parse
+    for key, value in settings.describe().items():
+        click.echo(scrub(f"{key} = {value}", hidden=hidden))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli.common import errors, settings_of
+from farm.cli.common import settings_of
 from farm.outputs.export import FORMATS
 from farm.storage import storage_for
 
@@ -44,23 +44,22 @@ def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int)
     from farm.store.engine import open_store
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        try:
-            result = export_dataset(
-                engine,
-                storage_for(settings),
-                dataset,
-                fmt=fmt,
-                to=to,
-                s3_endpoint_url=settings.s3_endpoint_url,
-                s3_region=settings.s3_region,
-                shard_size=shard_size,
-            )
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        finally:
-            engine.dispose()
+    engine = open_store(settings)
+    try:
+        result = export_dataset(
+            engine,
+            storage_for(settings),
+            dataset,
+            fmt=fmt,
+            to=to,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+            shard_size=shard_size,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        engine.dispose()
     click.echo(
         f"exported {result.new_rows} new rows of {dataset} as {fmt} to {to} "
         f"({result.total_rows} in all): {describe_files(result.files)}"
@@ -83,18 +82,17 @@ def url(ctx: click.Context, job: str, expires_s: int) -> None:
     from farm.store.engine import open_store
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        try:
-            uri = job_output_uri(engine, job)
-        except NoSuchJob as exc:
-            raise click.BadParameter(str(exc), param_hint="JOB") from None
-        finally:
-            engine.dispose()
-        try:
-            link = presigned_url(storage_for(settings), uri, expires_s)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    engine = open_store(settings)
+    try:
+        uri = job_output_uri(engine, job)
+    except NoSuchJob as exc:
+        raise click.BadParameter(str(exc), param_hint="JOB") from None
+    finally:
+        engine.dispose()
+    try:
+        link = presigned_url(storage_for(settings), uri, expires_s)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(link)
 
 
@@ -123,11 +121,10 @@ def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, colu
     from farm.store.engine import open_store
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        storage = storage_for(settings)
-        target = out or Path(f"{dataset}-preview")
-        result = make_preview(engine, storage, dataset, target, limit=limit, columns=columns, thumb_px=thumb)
+    engine = open_store(settings)
+    storage = storage_for(settings)
+    target = out or Path(f"{dataset}-preview")
+    result = make_preview(engine, storage, dataset, target, limit=limit, columns=columns, thumb_px=thumb)
     for reason in result.skipped:
         click.echo(f"skipped {reason}", err=True)
     click.echo(f"{len(result.images)} images")
@@ -146,11 +143,10 @@ def gc(ctx: click.Context, dataset: str | None, dry_run: bool) -> None:
     from farm.store.queries import dataset_id
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        if dataset is not None:
-            dataset_id(engine, dataset)  # an unknown name is an error, not "nothing to collect"
-        result = collect(engine, storage_for(settings), dataset=dataset, dry_run=dry_run)
+    engine = open_store(settings)
+    if dataset is not None:
+        dataset_id(engine, dataset)  # an unknown name is an error, not "nothing to collect"
+    result = collect(engine, storage_for(settings), dataset=dataset, dry_run=dry_run)
     for key in result.deleted:
         click.echo(f"{'would delete' if dry_run else 'deleted'} {key}")
     click.echo(result.describe(dry_run))

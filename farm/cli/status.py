@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import click
 
-from farm.cli.common import errors, settings_of
+from farm.cli.common import settings_of
 from farm.store.schema import JobStatus
+
+
+def _positive_seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    """A redraw interval: a finite number above 0 (0 would spin a core, nan and -1 used to end in a traceback)."""
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"must be a number of seconds above 0, got {value}")
+    return value
 
 
 @click.command()
 @click.argument("dataset", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON with a `counts` map, for scripts.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON array with one object per dataset (`dataset`, `counts`, `total`, `done`, …), for scripts.",
+)
 @click.option("--watch", is_flag=True, help="Redraw progress bars (one per dataset) until they are finished.")
-@click.option("--interval-s", type=float, default=1.0, show_default=True, help="Seconds between redraws.")
+@click.option(
+    "--interval-s",
+    type=float,
+    default=1.0,
+    show_default=True,
+    callback=_positive_seconds,
+    help="Seconds between redraws.",
+)
 @click.pass_context
 def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
     """Counts per state, images/s and ETA, for one dataset or all."""
@@ -23,32 +43,31 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
     from farm.store.queries import all_statuses, dataset_status, pool_progress
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        if watch:
-            from farm.cli.watch import watch_datasets
+    engine = open_store(settings)
+    if watch:
+        from farm.cli.watch import watch_datasets
 
-            # One bar per dataset: the named one, or every dataset unfinished when the watch starts.
-            names = [dataset] if dataset else [s.name for s in all_statuses(engine) if not s.done]
+        # One bar per dataset: the named one, or every dataset unfinished when the watch starts.
+        names = [dataset] if dataset else [s.name for s in all_statuses(engine) if not s.done]
 
-            def read() -> list[Any]:
-                return [dataset_status(engine, name) for name in names]
+        def read() -> list[Any]:
+            return [dataset_status(engine, name) for name in names]
 
-            def read_pools() -> list[Any]:
-                return pool_progress(engine, names, beat_s=settings.lease_s / 3)
+        def read_pools() -> list[Any]:
+            return pool_progress(engine, names, beat_s=settings.lease_s / 3)
 
-            _print_statuses(watch_datasets(read, interval_s=interval_s, read_pools=read_pools), as_json)
-            return
-        statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
-        _print_statuses(statuses, as_json)
-        if not as_json:
-            _warn_if_nobody_reaps(engine, settings.lease_s, unfinished=any(not s.done for s in statuses))
+        _print_statuses(watch_datasets(read, interval_s=interval_s, read_pools=read_pools), as_json)
+        return
+    statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
+    _print_statuses(statuses, as_json)
+    if not as_json:
+        _warn_if_nobody_reaps(engine, settings.lease_s, unfinished=any(not s.done for s in statuses))
 
 
 def _print_statuses(statuses: list[Any], as_json: bool) -> None:
     if as_json:
-        payload = statuses[0].as_dict() if len(statuses) == 1 else [s.as_dict() for s in statuses]
-        click.echo(json.dumps(payload))
+        # Always an array, whatever the number of datasets (none: []), so a script reads every answer alike.
+        click.echo(json.dumps([s.as_dict() for s in statuses]))
         return
     if not statuses:
         click.echo("no datasets yet: `farm submit FILE --dataset NAME`")
@@ -71,21 +90,21 @@ def _warn_if_nobody_reaps(engine: Any, lease_s: float, *, unfinished: bool) -> N
 @click.command()
 @click.argument("dataset")
 @click.option("--state", type=click.Choice([s.value for s in JobStatus]), default=None, help="Only jobs in this state.")
-@click.option("--limit", type=int, default=50, show_default=True, help="At most this many jobs.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per job (nothing for no jobs).")
 @click.pass_context
 def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_json: bool) -> None:
     """List a dataset's jobs with their state, attempts, output and error."""
     from farm.store.engine import open_store
     from farm.store.queries import list_jobs
 
-    with errors():
-        rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, limit=limit)
+    rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, limit=limit)
     for row in rows:
         if as_json:
             click.echo(json.dumps(row.__dict__))
             continue
         tail = row.error if row.error else (row.output_uri or "")
         click.echo(
-            f"{row.id}  {row.status:<9} attempts={row.attempts}  line {row.source_line}  seed {row.seed}  {tail}"
+            f"{row.id}  {row.status:<9} attempts={row.attempts}  {row.source_file or '?'}:{row.source_line}  "
+            f"seed {row.seed}  {tail}"
         )

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli.common import dispatch_or_warn, errors, exit_broker_down, settings_of
-from farm.errors import BrokerUnavailable
+from farm.cli.common import dispatch_now, settings_of
 
 
 @click.command()
@@ -72,6 +71,13 @@ from farm.errors import BrokerUnavailable
     help="Grid axis, repeatable; every prompt is rendered for each combination. Axes: seed (0..7 or 1,5,9), "
     "size (1024x1024,768x1344), steps (2..4), guidance_scale and conditioning_scale (comma lists).",
 )
+@click.option(
+    "--control-dir",
+    "control_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A folder the prompt file's control_image paths may name, besides the file's own folder (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan; write nothing, send nothing.")
 @click.option(
     "--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them now (workers will)."
@@ -99,6 +105,7 @@ def submit(
     conditioning_scale: float,
     quantize: str,
     vary: tuple[str, ...],
+    control_dirs: tuple[Path, ...],
     dry_run: bool,
     no_dispatch: bool,
     priority: int | None,
@@ -108,33 +115,31 @@ def submit(
     from farm.submit.run import submit_file
 
     settings = settings_of(ctx)
-    with errors():
-        options = SubmitOptions(
-            dataset=dataset,
-            model=model or settings.default_model,
-            width=width,
-            height=height,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            images_per_prompt=images_per_prompt,
-            seed=seed,
-            control_image=control_image,
-            controlnet=controlnet,
-            conditioning_scale=conditioning_scale,
-            quantize=None if quantize == "none" else quantize,
-            vary=vary,
+    options = SubmitOptions(
+        dataset=dataset,
+        model=model or settings.default_model,
+        width=width,
+        height=height,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        images_per_prompt=images_per_prompt,
+        seed=seed,
+        control_image=control_image,
+        controlnet=controlnet,
+        conditioning_scale=conditioning_scale,
+        quantize=None if quantize == "none" else quantize,
+        vary=vary,
+        control_dirs=control_dirs,
+        control_image_max_bytes=settings.control_image_max_bytes,
+        max_line_bytes=settings.max_line_bytes,
+    )
+    # A broker that is away raises BrokerUnavailable after the jobs are recorded: exit 3, nothing lost.
+    submit_file(settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo, priority=priority)
+    if no_dispatch and not dry_run:
+        click.echo(
+            "not dispatched now (--no-dispatch): running workers send pending jobs within seconds; "
+            "`farm dispatch` sends them at once, `farm pause` holds them"
         )
-        try:
-            submit_file(
-                settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo, priority=priority
-            )
-        except BrokerUnavailable as exc:
-            exit_broker_down(exc)
-        if no_dispatch and not dry_run:
-            click.echo(
-                "not dispatched now (--no-dispatch): running workers send pending jobs within seconds; "
-                "`farm dispatch` sends them at once, `farm pause` holds them"
-            )
 
 
 @click.command()
@@ -146,10 +151,9 @@ def dispatch(ctx: click.Context, dataset: str | None) -> None:
     from farm.store.queries import dataset_id
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        ds_id = dataset_id(engine, dataset) if dataset else None
-        dispatch_or_warn(settings, engine, ds_id)
+    engine = open_store(settings)
+    ds_id = dataset_id(engine, dataset) if dataset else None
+    dispatch_now(settings, engine, ds_id)
 
 
 @click.command()
@@ -163,14 +167,10 @@ def reap(ctx: click.Context) -> None:
     from farm.store.transitions import reap_expired
 
     settings = settings_of(ctx)
-    with errors():
-        engine = open_store(settings)
-        with engine.begin() as conn:
-            reaped = reap_expired(conn, max_attempts=settings.max_attempts)
-        click.echo(f"reaped {len(reaped.requeued)} jobs back to pending, {len(reaped.failed)} failed")
-        try:
-            resent = resend_lost(engine, make_celery(settings), settings, grace_s=0)
-        except BrokerUnavailable as exc:
-            exit_broker_down(exc)
-        click.echo(f"sent again {resent} queued jobs whose message was lost or stuck")
-        dispatch_or_warn(settings, engine, None)
+    engine = open_store(settings)
+    with engine.begin() as conn:
+        reaped = reap_expired(conn, max_attempts=settings.max_attempts)
+    click.echo(f"reaped {len(reaped.requeued)} jobs back to pending, {len(reaped.failed)} failed")
+    resent = resend_lost(engine, make_celery(settings), settings, grace_s=0)
+    click.echo(f"sent again {resent} queued jobs whose message was lost or stuck")
+    dispatch_now(settings, engine, None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from farm.cli.common import errors, settings_of
+from farm.cli.common import settings_of
 from farm.secrets import redact
 
 
@@ -23,10 +23,9 @@ def db_upgrade(ctx: click.Context) -> None:
     from farm.store.engine import current_revision, make_engine, upgrade
 
     settings = settings_of(ctx)
-    with errors():
-        engine = make_engine(settings.database_url)
-        upgrade(engine)
-        click.echo(f"{redact(settings.database_url)} is at revision {current_revision(engine)}")
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    click.echo(f"{redact(settings.database_url)} is at revision {current_revision(engine)}")
 
 
 @click.group()
@@ -160,20 +159,19 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     settings = settings_of(ctx)
-    with errors():
-        from benchmarks.render import run_bench, summary
+    from benchmarks.render import run_bench, summary
 
-        result = run_bench(
-            settings,
-            model=model,
-            prompts=prompts,
-            batch_size=batch_size,
-            workers=workers,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            progress=lambda line: click.echo(line, err=True),
-        )
+    result = run_bench(
+        settings,
+        model=model,
+        prompts=prompts,
+        batch_size=batch_size,
+        workers=workers,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        progress=lambda line: click.echo(line, err=True),
+    )
     click.echo(summary(result))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
@@ -220,7 +218,7 @@ def bench_submit_command(
     from benchmarks.submit import bench_submit
 
     settings = settings_of(ctx)
-    with errors(), tempfile.TemporaryDirectory(prefix="farm-bench-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="farm-bench-") as workdir:
         result = bench_submit(
             settings,
             prompts=prompts,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from farm.cli.common import errors, settings_of
+from farm.cli.common import settings_of
 from farm.settings import with_overrides
 
 
@@ -61,45 +61,42 @@ def worker(
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
-    with errors():
-        if pool:
-            # A pool's values fill in every option not given on the command line.
-            given = {
-                k: v
-                for k, v in ctx.params.items()
-                if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT
-            }
-            merged = {**ctx.params, **settings_of(ctx).pool(pool), **given}
-            device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
-            max_batch, io_threads = merged["max_batch"], merged["io_threads"]
-            low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
-            if queue is None:  # a pool consumes its own queue, where dispatch routes the jobs it serves
-                from farm.dispatch.routing import PoolSpec
+    if pool:
+        # A pool's values fill in every option not given on the command line.
+        given = {
+            k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT
+        }
+        merged = {**ctx.params, **settings_of(ctx).pool(pool), **given}
+        device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
+        max_batch, io_threads = merged["max_batch"], merged["io_threads"]
+        low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
+        if queue is None:  # a pool consumes its own queue, where dispatch routes the jobs it serves
+            from farm.dispatch.routing import PoolSpec
 
-                queue = PoolSpec.from_options(pool, merged).queue
-        settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
-        from farm.store.engine import open_store
+            queue = PoolSpec.from_options(pool, merged).queue
+    settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
+    from farm.store.engine import open_store
 
-        open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
-        # Imported here, not at the top: farm's own modules never import workers, torch or diffusers.
-        from workers.main import run_worker
+    open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
+    # Imported here, not at the top: farm's own modules never import workers, torch or diffusers.
+    from workers.main import run_worker
 
-        run_worker(
-            settings,
-            name=name,
-            loglevel=loglevel,
-            torch_threads=torch_threads,
-            max_batch=max_batch,
-            io_threads=io_threads,
-            low_memory=low_memory,
-            metrics_port=metrics_port,
-            pool=pool,
-        )
+    run_worker(
+        settings,
+        name=name,
+        loglevel=loglevel,
+        torch_threads=torch_threads,
+        max_batch=max_batch,
+        io_threads=io_threads,
+        low_memory=low_memory,
+        metrics_port=metrics_port,
+        pool=pool,
+    )
 
 
 @click.command("workers")
 @click.option("--all", "show_all", is_flag=True, help="Include workers that stopped cleanly.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per worker (nothing for no workers).")
 @click.pass_context
 def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     """The fleet: each worker's pool, device, state (alive or stale), jobs, images/s and what it has loaded."""
@@ -107,8 +104,7 @@ def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     from farm.store.fleet import list_workers
 
     settings = settings_of(ctx)
-    with errors():
-        rows = list_workers(open_store(settings), beat_s=settings.lease_s / 3, include_stopped=show_all)
+    rows = list_workers(open_store(settings), beat_s=settings.lease_s / 3, include_stopped=show_all)
     for w in rows:
         if as_json:
             click.echo(json.dumps(w.as_dict()))
@@ -124,10 +120,9 @@ def workers_command(ctx: click.Context, show_all: bool, as_json: bool) -> None:
         from farm.store.control import duty_state, silence_warning
         from farm.store.queries import has_unfinished
 
-        with errors():
-            engine = open_store(settings)
-            state = duty_state(engine)
-            warning = silence_warning(engine, settings.lease_s, unfinished=has_unfinished(engine))
+        engine = open_store(settings)
+        state = duty_state(engine)
+        warning = silence_warning(engine, settings.lease_s, unfinished=has_unfinished(engine))
         if state.holder and not warning:
             click.echo(f"reaper and dispatcher: {state.holder} ({state.note or 'starting'})")
         if warning:

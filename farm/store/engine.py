@@ -6,7 +6,7 @@ import fcntl
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,8 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from farm.errors import ConfigError
-from farm.secrets import redact
+from farm.errors import ConfigError, DatabaseUnavailable
+from farm.secrets import redact, scrub, secrets_in, secrets_of
 
 
 def normalize_url(url: str) -> str:
@@ -109,7 +109,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         command.upgrade(_alembic_config(engine), revision)
     except SQLAlchemyError as exc:
-        raise ConfigError(f"cannot upgrade {redact(str(engine.url))}: {exc.__class__.__name__}") from exc
+        raise ConfigError(_scrubbed(engine, f"cannot upgrade {_where(engine)}: {exc.__class__.__name__}")) from exc
 
 
 def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
@@ -117,8 +117,8 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
     try:
         current = current_revision(engine)
     except SQLAlchemyError as exc:
-        url = engine.url.render_as_string(hide_password=True)
-        raise ConfigError(f"cannot reach the job database {url}: {_first_line(exc)}") from exc
+        message = f"cannot reach the job database {_where(engine)}: {_first_line(exc)}"
+        raise DatabaseUnavailable(_scrubbed(engine, message)) from exc
     if current == head_revision():
         return
     if current is not None and current not in known_revisions():
@@ -138,11 +138,16 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool) -> None:
     )
 
 
-@contextmanager
-def _upgrade_lock(engine: Engine) -> Iterator[None]:
+def _upgrade_lock(engine: Engine) -> AbstractContextManager[None]:
     """An exclusive file lock beside a SQLite database, so two processes never migrate it at once."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+    return sqlite_file_lock(engine.url.database if engine.dialect.name == "sqlite" else None)
+
+
+@contextmanager
+def sqlite_file_lock(database: str | None) -> Iterator[None]:
+    """An exclusive lock on a file beside a SQLite database file (none for another or an in-memory database):
+    what the job store's and the embedded broker's first users take to create their tables one at a time."""
+    if not database or database == ":memory:":
         yield
         return
     with open(f"{database}.upgrade-lock", "a+") as handle:
@@ -151,6 +156,18 @@ def _upgrade_lock(engine: Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _where(engine: Engine) -> str:
+    """The engine's URL for messages. SQLAlchemy's hide_password masks the userinfo only; redact also masks
+    `?password=` (which libpq accepts) and the other secret query parameters."""
+    return redact(engine.url.render_as_string(hide_password=True))
+
+
+def _scrubbed(engine: Engine, text: str) -> str:
+    """``text`` without the engine URL's secrets (a driver message may quote them) or the secret variables."""
+    url = engine.url.render_as_string(hide_password=False)
+    return scrub(text, hidden=secrets_in(url) | set(secrets_of()))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from farm.secrets import scrub, secrets_of
 from farm.store.schema import Worker, utcnow
 
 # A worker beats every lease_s / 3; three missed beats make it stale.
@@ -51,8 +53,32 @@ class WorkerInfo:
         return asdict(self)
 
 
+def scrubbed(heartbeat: Heartbeat, hidden: Iterable[str] | None = None) -> Heartbeat:
+    """The heartbeat with every secret masked in what it describes: host, device and everything in `loaded`.
+
+    `loaded` holds model, adapter and cache descriptions that may name a URL. ``hidden``: the secrets to mask
+    besides URL passwords (default: the secret variables'). The name and pool stay as they are: they are the
+    worker's identity, matched against leases, jobs and routing, and come from --name / --pool, not from a URL
+    or an error text.
+    """
+    secrets = secrets_of() if hidden is None else list(hidden)
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return scrub(value, hidden=secrets)
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [clean(v) for v in value]
+        return value
+
+    host, device, loaded = clean(heartbeat.host), clean(heartbeat.device), clean(heartbeat.loaded)
+    return replace(heartbeat, host=host, device=device, loaded=loaded)
+
+
 def beat(conn: Connection, heartbeat: Heartbeat) -> None:
-    """Insert or refresh this worker's row."""
+    """Insert or refresh this worker's row; nothing secret reaches the table, whoever built the heartbeat."""
+    heartbeat = scrubbed(heartbeat)
     values = {
         **asdict(heartbeat),
         "loaded": json.dumps(heartbeat.loaded, default=str),

@@ -59,6 +59,7 @@ class JobRow:
     status: str
     attempts: int
     source_line: int | None
+    source_file: str | None
     prompt: str
     seed: int
     worker: str | None
@@ -75,11 +76,24 @@ def has_unfinished(engine: Engine) -> bool:
 
 def dataset_id(engine: Engine, name: str) -> int:
     """The id of a dataset by name, or UnknownDataset."""
-    with engine.connect() as conn:
-        found = conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar()
+    found = find_dataset_id(engine, name)
     if found is None:
         raise UnknownDataset(f"no dataset named {name!r}")
-    return int(found)
+    return found
+
+
+def find_dataset_id(engine: Engine, name: str) -> int | None:
+    """The id of a dataset by name, or None: for callers that must tell "no such dataset" from other answers."""
+    with engine.connect() as conn:
+        found = conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar()
+    return None if found is None else int(found)
+
+
+def job_state(engine: Engine, job_id: str) -> str | None:
+    """A job's state by its id, or None when no job has that id."""
+    with engine.connect() as conn:
+        found = conn.execute(select(Job.status).where(Job.id == job_id)).scalar()
+    return None if found is None else str(found)
 
 
 def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) -> DatasetStatus:
@@ -178,6 +192,7 @@ def list_jobs(engine: Engine, name: str, *, state: str | None = None, limit: int
             Job.status,
             Job.attempts,
             Job.source_line,
+            Job.source_file,
             Job.prompt,
             Job.seed,
             Job.worker,
@@ -185,10 +200,10 @@ def list_jobs(engine: Engine, name: str, *, state: str | None = None, limit: int
             Job.error,
         )
         .where(Job.dataset_id == ds_id)
-        .order_by(Job.source_line, Job.seed)
+        .order_by(Job.source_file, Job.source_line, Job.seed)
         .limit(limit)
     )
     if state is not None:
         query = query.where(Job.status == state)
     with engine.connect() as conn:
-        return [JobRow(*row) for row in conn.execute(query)]
+        return [JobRow(**row._asdict()) for row in conn.execute(query)]

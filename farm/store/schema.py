@@ -89,6 +89,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False)
     source_line: Mapped[int | None] = mapped_column(Integer)
+    source_file: Mapped[str | None] = mapped_column(Text)  # the prompt file, as given (revision 0008)
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
     seed: Mapped[int] = mapped_column(BigInteger, nullable=False)
     width: Mapped[int] = mapped_column(Integer, nullable=False)

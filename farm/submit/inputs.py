@@ -3,9 +3,11 @@ column), or a Python list of strings or dicts (farm.Client)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
+import os
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 from farm.errors import InvalidSubmission
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+MAX_LINE_BYTES = 1 << 20  # a line longer than this is refused without reading the rest of it
 IN_MEMORY = "<prompts>"  # the name errors give a list of prompts passed in Python
 
 # Per-row fields a file may carry; `steps` is accepted as the short spelling of num_inference_steps.
@@ -56,8 +59,12 @@ class Row:
     fields: dict[str, Any]
 
 
-def read_rows(path: Path) -> list[Row]:
-    """Read every row of a prompt file; a malformed row raises InvalidSubmission naming file and line (or row)."""
+def read_rows(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> list[Row]:
+    """Read every row of a prompt file; a malformed row raises InvalidSubmission naming file and line (or row).
+
+    The file is read line by line: a line over ``max_line_bytes`` is refused without reading the rest, and a FIFO,
+    a device or a folder is refused before anything is read.
+    """
     name = str(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
@@ -66,17 +73,58 @@ def read_rows(path: Path) -> list[Row]:
         )
     if suffix == ".parquet":
         return _nonempty(name, [Row(name, line, _canonical(name, line, fields)) for line, fields in _parquet(path)])
+    reader = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv}[suffix]
+    with _open_regular(path) as handle:
+        lines = _text_lines(name, handle, max_line_bytes)
+        return _nonempty(
+            name, [Row(name, line, _canonical(name, line, fields)) for line, fields in reader(name, lines)]
+        )
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[Any]:
+    """The prompt file opened for reading, refused unless it is a regular file (no FIFO that hangs, no device)."""
+    name = str(path)
     try:
-        # utf-8-sig: spreadsheet exports start with a BOM, which would otherwise hide the `prompt` header.
-        text = path.read_text(encoding="utf-8-sig")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise InvalidSubmission("file not found", path=name) from None
-    except UnicodeDecodeError as exc:
-        raise InvalidSubmission(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=name) from None
     except OSError as exc:
         raise InvalidSubmission(f"cannot read: {exc.strerror}", path=name) from None
-    reader = {".txt": _txt, ".jsonl": _jsonl, ".csv": _csv}[suffix]
-    return _nonempty(name, [Row(name, line, _canonical(name, line, fields)) for line, fields in reader(name, text)])
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidSubmission("not a regular file", path=name)
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def _text_lines(name: str, handle: Any, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded as UTF-8 (a BOM at the start dropped), line endings removed."""
+    number = 0
+    while True:
+        try:
+            raw: bytes = handle.readline(max_line_bytes + 1)
+        except OSError as exc:
+            raise InvalidSubmission(f"cannot read: {exc.strerror}", path=name, line=number + 1) from None
+        if not raw:
+            return
+        number += 1
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            raise InvalidSubmission(
+                f"line is longer than {max_line_bytes} bytes (the limit on one prompt line)", path=name, line=number
+            )
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidSubmission(
+                f"not UTF-8 text ({exc.reason} at byte {exc.start + 1})", path=name, line=number
+            ) from None
+        yield number, text.rstrip("\r\n")
 
 
 def rows_from_records(records: Iterable[str | Mapping[str, Any]], name: str = IN_MEMORY) -> list[Row]:
@@ -133,20 +181,14 @@ def _parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InvalidSubmission(f"not a readable parquet file ({type(exc).__name__}: {exc})", path=name) from None
 
 
-def _lines(text: str) -> list[str]:
-    # read_text already turned \r\n and \r into \n; str.splitlines would also split inside a prompt at
-    # U+2028, U+0085 or a form feed (valid inside JSON strings), breaking rows and shifting line numbers.
-    return text.split("\n")
-
-
-def _txt(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, raw in enumerate(_lines(text), start=1):
+def _txt(name: str, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, raw in lines:
         if raw.strip():
             yield line, {"prompt": raw.strip()}
 
 
-def _jsonl(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for line, raw in enumerate(_lines(text), start=1):
+def _jsonl(name: str, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line, raw in lines:
         if not raw.strip():
             continue
         try:
@@ -160,8 +202,9 @@ def _jsonl(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield line, value
 
 
-def _csv(name: str, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _csv(name: str, lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    # The csv module counts physical lines itself (a quoted field may span several); give it them back with "\n".
+    reader = csv.DictReader((text + "\n" for _line, text in lines))
     header = reader.fieldnames or []
     if "prompt" not in header:
         raise InvalidSubmission(f"the header must have a 'prompt' column, got {header}", path=name, line=1)
@@ -192,5 +235,8 @@ def _canonical(name: str, line: int, fields: dict[str, Any]) -> dict[str, Any]:
             raise InvalidSubmission(
                 "given twice (steps is num_inference_steps)", path=name, line=line, field=key, value=value
             )
+        if isinstance(value, str) and "\x00" in value:
+            # No prompt or path holds a NUL (PostgreSQL text cannot store one): a binary file, not a prompt.
+            raise InvalidSubmission("contains a NUL character", path=name, line=line, field=canonical, value=value)
         out[canonical] = value
     return out

@@ -17,10 +17,10 @@ from farm.errors import InvalidSubmission
 from farm.job import JobSpec
 from farm.profiles import resolve_controlnet, resolve_model
 from farm.storage import Storage
-from farm.submit.conditions import ConditionImage, ConditionImages, store_condition
+from farm.submit.conditions import MAX_CONDITION_BYTES, ConditionImage, ConditionImages, store_condition
 from farm.submit.fields import MAX_SEED, OPTIONS, check_field, field_error
 from farm.submit.grid import Axis, parse_grid, variations
-from farm.submit.inputs import Row, read_rows
+from farm.submit.inputs import MAX_LINE_BYTES, Row, read_rows
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUANTIZE_CHOICES = ("none", "int8")
@@ -43,6 +43,10 @@ class SubmitOptions:
     conditioning_scale: float = 1.0  # for rows without their own; ignored without a controlnet
     quantize: str | None = None  # "int8", or None / "none" for full precision
     vary: tuple[str, ...] = ()  # grid axes, as `--vary` gives them: "seed=0..7", "size=1024x1024,768x1344"
+    # Folders besides the prompt file's own that its control_image paths may name (`--control-dir`).
+    control_dirs: tuple[Path, ...] = ()
+    control_image_max_bytes: int = MAX_CONDITION_BYTES
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer prompt line is refused without reading the rest
 
 
 @dataclass(frozen=True)
@@ -83,11 +87,12 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
     Options are checked before the file is read, so a bad option is reported even for a bad file.
     """
     setup = _setup(options, base_dir=path.expanduser().absolute().parent)
-    return _plan(setup, read_rows(path))
+    return _plan(setup, read_rows(path, max_line_bytes=options.max_line_bytes))
 
 
-def plan_rows(rows: Sequence[Row], options: SubmitOptions, *, base_dir: Path) -> Plan:
-    """plan_submission for rows already read (farm.Client's lists); relative control_image paths use base_dir."""
+def plan_rows(rows: Sequence[Row], options: SubmitOptions, *, base_dir: Path | None) -> Plan:
+    """plan_submission for rows already read (farm.Client's lists); their control_image paths resolve inside
+    base_dir (None: rows may not name control images)."""
     return _plan(_setup(options, base_dir=base_dir), rows)
 
 
@@ -102,7 +107,7 @@ class _Setup:
     grid: _Grid
 
 
-def _setup(options: SubmitOptions, *, base_dir: Path) -> _Setup:
+def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
     validate_dataset_name(options.dataset)
     model = resolve_model(options.model)
     defaults = {
@@ -223,11 +228,11 @@ class _Control:
     default_image: ConditionImage | None
     default_scale: float
     quantize: str | None
-    base_dir: Path  # relative control_image paths in the prompt file resolve against its folder
+    base_dir: Path | None  # relative control_image paths in the prompt file resolve against its folder
     images: ConditionImages
 
 
-def _control_context(base_dir: Path, options: SubmitOptions) -> _Control:
+def _control_context(base_dir: Path | None, options: SubmitOptions) -> _Control:
     """Resolve the ControlNet options once; a default condition image is decoded here, before any row."""
     fake = OPTIONS
     controlnet = resolve_controlnet(options.controlnet) if options.controlnet is not None else None
@@ -237,13 +242,13 @@ def _control_context(base_dir: Path, options: SubmitOptions) -> _Control:
             fake, "quantize", quantize, f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}", option=True
         )
     scale = check_field(fake, "conditioning_scale", options.conditioning_scale, option=True)
-    images = ConditionImages()
+    images = ConditionImages(roots=options.control_dirs, max_bytes=options.control_image_max_bytes)
     default_image = None
     if options.control_image is not None:
         value = str(options.control_image)
         if controlnet is None:
             raise field_error(fake, "control_image", value, "--controlnet is required with control images", option=True)
-        default_image = images.check(Path(value).expanduser().absolute(), origin=None, line=None, value=value)
+        default_image = images.check_trusted(Path(value), value)
     return _Control(
         controlnet=controlnet,
         default_image=default_image,
@@ -263,10 +268,11 @@ def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None,
             raise field_error(row, "control_image", raw, "control_image must be a path to an image file")
         if control.controlnet is None:
             raise field_error(row, "control_image", raw, "--controlnet is required with control images")
-        given = Path(raw.strip()).expanduser()
-        image = control.images.check(
-            given if given.is_absolute() else control.base_dir / given, origin=row.path, line=row.line, value=raw
-        )
+        if control.base_dir is None:
+            raise field_error(
+                row, "control_image", raw, "rows from Python name control images inside control_dir=…; give one"
+            )
+        image = control.images.check_row(raw.strip(), base=control.base_dir, origin=row.path, line=row.line)
     if "conditioning_scale" in row.fields and control.controlnet is None:
         raise field_error(
             row, "conditioning_scale", row.fields["conditioning_scale"], "conditioning_scale needs --controlnet"
@@ -337,6 +343,7 @@ def _expand(
                     conditioning_scale=varied.get("conditioning_scale", conditioning_scale) if controlnet else None,
                     control_sha256=control_sha256,
                     quantize=control.quantize,
+                    source_file=row.path,
                 )
             )
     return specs

@@ -97,6 +97,10 @@ def submit_plan(
         for line in dry_run_lines(plan):
             say(line)
         return result
+    if dispatch:
+        from farm.dispatch.broker import make_celery
+
+        make_celery(settings)  # a broker URL kombu cannot use is an error now, before anything is written
     # 1. Condition images first: a recorded job must never name one that is not stored.
     started = time.perf_counter()
     if plan.conditions:
