@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,6 +22,7 @@ from farm.settings import Settings, load_settings
 from farm.store import control, transitions
 from farm.store.engine import make_engine
 from farm.store.schema import Control, Dataset, Job, JobStatus, utcnow
+from tests.support.jobs import insert_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -40,32 +40,8 @@ def _settings(tmp_path: Path, url: str, redis_url: str, queue: str, **extra: obj
     )
 
 
-def _jobs(engine: Engine, n: int, *, dataset: str = "d") -> list[str]:
-    ids = sorted(uuid.uuid4().hex for _ in range(n))
-    with engine.begin() as conn:
-        conn.execute(Dataset.__table__.insert().values(name=dataset, created_at=utcnow()))
-        ds = conn.execute(select(Dataset.id).where(Dataset.name == dataset)).scalar_one()
-        conn.execute(
-            Job.__table__.insert(),
-            [
-                dict(
-                    id=job_id,
-                    dataset_id=ds,
-                    prompt=f"p{k}",
-                    seed=k,
-                    width=64,
-                    height=64,
-                    num_inference_steps=4,
-                    guidance_scale=0.0,
-                    model="tiny",
-                    status="pending",
-                    attempts=0,
-                    created_at=utcnow(),
-                )
-                for k, job_id in enumerate(ids)
-            ],
-        )
-    return ids
+def _jobs(engine: Engine, n: int) -> list[str]:
+    return insert_jobs(engine, n, dataset="d")
 
 
 def _queued_ids(redis_url: str, queue: str) -> Counter[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,7 +9,8 @@ from sqlalchemy import select, update
 
 from farm.store import fleet, transitions
 from farm.store.engine import ensure_schema, make_engine
-from farm.store.schema import Dataset, Job, utcnow
+from farm.store.schema import Job, utcnow
+from tests.support.jobs import insert_jobs
 from workers.heartbeat import LeaseKeeper
 from workers.runtime import Holdings
 
@@ -18,29 +18,8 @@ from workers.runtime import Holdings
 def test_renewal_keeps_a_live_workers_jobs_from_the_reaper(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     ensure_schema(engine, auto_upgrade=True)
-    ids = [uuid.uuid4().hex for _ in range(3)]
+    ids = insert_jobs(engine, 3)
     with engine.begin() as conn:
-        conn.execute(Dataset.__table__.insert().values(id=1, name="d", created_at=utcnow()))
-        conn.execute(
-            Job.__table__.insert(),
-            [
-                dict(
-                    id=i,
-                    dataset_id=1,
-                    prompt="p",
-                    seed=n,
-                    width=64,
-                    height=64,
-                    num_inference_steps=4,
-                    guidance_scale=0.0,
-                    model="tiny",
-                    status="pending",
-                    attempts=0,
-                    created_at=utcnow(),
-                )
-                for n, i in enumerate(ids)
-            ],
-        )
         alive = transitions.claim(conn, ids[:2], worker="alive#1", lease_s=30, max_attempts=3)
         transitions.claim(conn, ids[2:], worker="dead#2", lease_s=30, max_attempts=3)
         # Time passes: every lease is about to run out.
@@ -104,25 +83,8 @@ def test_the_beat_survives_any_error_and_a_worker_that_cannot_beat_stops_claimin
 def test_the_beat_reports_held_jobs_that_were_canceled(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'farm.db'}")
     ensure_schema(engine, auto_upgrade=True)
-    job_id = uuid.uuid4().hex
+    [job_id] = insert_jobs(engine, 1)
     with engine.begin() as conn:
-        conn.execute(Dataset.__table__.insert().values(id=1, name="d", created_at=utcnow()))
-        conn.execute(
-            Job.__table__.insert().values(
-                id=job_id,
-                dataset_id=1,
-                prompt="p",
-                seed=1,
-                width=64,
-                height=64,
-                num_inference_steps=4,
-                guidance_scale=0.0,
-                model="tiny",
-                status="pending",
-                attempts=0,
-                created_at=utcnow(),
-            )
-        )
         (job,) = transitions.claim(conn, [job_id], worker="w#1", lease_s=30, max_attempts=3)
     holdings = Holdings()
     holdings.add([job.held])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +14,8 @@ from farm.job import Claimed
 from farm.storage import StoredObject
 from farm.store import transitions
 from farm.store.engine import ensure_schema, make_engine
-from farm.store.schema import Dataset, Job, JobStatus, utcnow
+from farm.store.schema import Job, JobStatus, utcnow
+from tests.support.jobs import insert_jobs
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -30,32 +30,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 
 
 def _jobs(engine: Engine, n: int) -> list[str]:
-    name = f"states-{uuid.uuid4().hex[:8]}"
-    ids = [uuid.uuid4().hex for _ in range(n)]
-    with engine.begin() as conn:
-        conn.execute(Dataset.__table__.insert().values(name=name, created_at=utcnow()))
-        ds = conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar_one()
-        conn.execute(
-            Job.__table__.insert(),
-            [
-                dict(
-                    id=i,
-                    dataset_id=ds,
-                    prompt=f"p{k}",
-                    seed=k,
-                    width=64,
-                    height=64,
-                    num_inference_steps=4,
-                    guidance_scale=0.0,
-                    model="tiny",
-                    status="pending",
-                    attempts=0,
-                    created_at=utcnow(),
-                )
-                for k, i in enumerate(ids)
-            ],
-        )
-    return ids
+    return insert_jobs(engine, n)
 
 
 def _status(engine: Engine, job_id: str) -> tuple[str, int, str | None]:
