@@ -145,7 +145,7 @@ def test_postgresql_unreachable_exits_3_in_one_line_without_the_password(tmp_pat
     (tmp_path / "p.txt").write_text(PROMPTS, encoding="utf-8")
     url = f"postgresql://farm:sup3r-secret@127.0.0.1:{free_port()}/farm"  # nothing listens there
     env = farm_env(FARM_HOME=str(tmp_path / "home"), FARM_DATABASE_URL=url)
-    for args in (["status", "--json"], ["submit", str(tmp_path / "p.txt"), "--dataset", "d"]):
+    for args in (["status", "--json"], ["submit", str(tmp_path / "p.txt"), "--dataset", "d"], ["db", "upgrade"]):
         result = run_farm(args, env)
         assert result.returncode == 3, result.stderr
         line = _error_line(result.stderr)

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from farm.errors import ConfigError, DatabaseUnavailable
 from farm.secrets import redact, scrub, secrets_in, secrets_of
@@ -108,6 +108,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     try:
         command.upgrade(_alembic_config(engine), revision)
+    except OperationalError as exc:  # the database is away (or refused us), not a wrong migration
+        raise DatabaseUnavailable(
+            _scrubbed(engine, f"cannot reach the job database {_where(engine)}: {_first_line(exc)}")
+        ) from exc
     except SQLAlchemyError as exc:
         raise ConfigError(_scrubbed(engine, f"cannot upgrade {_where(engine)}: {exc.__class__.__name__}")) from exc
 
