@@ -112,3 +112,12 @@ def test_workers_json_is_one_object_per_line(home: Path) -> None:
             assert all(set(row) == keys and row["state"] == "alive" and row["pool"] == "small" for row in rows)
     finally:
         engine.dispose()
+
+
+def test_status_watch_json_writes_only_the_json_to_stdout(home: Path) -> None:
+    _submit(home, "watched", 2)
+    _out(home, "cancel", "--dataset", "watched")  # finished: the watch draws once and ends
+    result = CliRunner().invoke(main, ["--home", str(home), "status", "watched", "--watch", "--json"])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads(result.stdout)  # the bars went to stderr
+    assert entry["dataset"] == "watched" and entry["done"] is True

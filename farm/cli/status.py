@@ -56,7 +56,12 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
         def read_pools() -> list[Any]:
             return pool_progress(engine, names, beat_s=settings.lease_s / 3)
 
-        _print_statuses(watch_datasets(read, interval_s=interval_s, read_pools=read_pools), as_json)
+        from rich.console import Console
+
+        # With --json the bars go to stderr, so stdout holds nothing but the JSON a script reads.
+        console = Console(stderr=True) if as_json else None
+        final = watch_datasets(read, interval_s=interval_s, read_pools=read_pools, console=console)
+        _print_statuses(final, as_json)
         return
     statuses = [dataset_status(engine, dataset)] if dataset else all_statuses(engine)
     _print_statuses(statuses, as_json)
