@@ -97,14 +97,16 @@ def test_worker_fails_a_job_past_its_deadline_and_retries_then_fails_it(tmp_path
     ids = _submit(engine, tmp_path, "late", ["a cat", "a dog"], tiny_dir)
     runtime = WorkerRuntime.build(settings, make_celery(settings), name="w-test")
 
-    first = render_jobs(runtime, ids, wait=True)  # the batch fails, then each job alone, each past its deadline
+    first = render_jobs(runtime, ids)  # the batch fails, then each job alone, each past its deadline
+    assert runtime.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert (first.rendered, first.render_failed) == (0, 2)
     for row in _rows(engine, ids).values():
         assert row.status == "queued" and row.attempts == 1  # type: ignore[attr-defined]
         assert row.error.startswith("attempt 1: RenderDeadlineExceeded")  # type: ignore[attr-defined]
         assert "deadline of 1e-09 s after step 1 of" in row.error  # type: ignore[attr-defined]
 
-    render_jobs(runtime, ids, wait=True)  # the retry messages
+    render_jobs(runtime, ids)  # the retry messages
+    assert runtime.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     for row in _rows(engine, ids).values():
         assert row.status == "failed" and row.attempts == 2 and "deadline" in row.error  # type: ignore[attr-defined]
         assert row.output_uri is None  # type: ignore[attr-defined]
@@ -120,7 +122,8 @@ def test_worker_deadline_of_zero_means_none(tmp_path: Path, tiny_dir: Path) -> N
     ids = _submit(engine, tmp_path, "nolimit", ["a cat", "a dog"], tiny_dir)
     runtime = WorkerRuntime.build(settings, make_celery(settings), name="w-test")
 
-    outcome = render_jobs(runtime, ids, wait=True)
+    outcome = render_jobs(runtime, ids)
+    assert runtime.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert (outcome.rendered, outcome.render_failed) == (2, 0)
     assert all(row.status == "succeeded" for row in _rows(engine, ids).values())  # type: ignore[attr-defined]
 

@@ -125,7 +125,8 @@ def test_storage_503s_and_dropped_connections_are_retried(
         plan = plan_submission(path, SubmitOptions(dataset="flaky", model="bench-small"))
         record(engine, plan)
         rt = WorkerRuntime.build(settings, make_celery(settings), name="w-flaky", max_batch=2)
-        render_jobs(rt, plan.ids, wait=True)
+        render_jobs(rt, plan.ids)
+        assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     finally:
         proxy.stop()
     assert proxy.injected == 3
@@ -156,7 +157,8 @@ def test_storage_down_longer_than_retries_fails_the_attempt_not_the_job(
     record(engine, plan)
     rt = WorkerRuntime.build(settings, make_celery(settings), name="w-down")
     try:
-        render_jobs(rt, plan.ids, wait=True)
+        render_jobs(rt, plan.ids)
+        assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     finally:
         proxy.stop()
     [job] = _jobs(engine, "down")

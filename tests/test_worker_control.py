@@ -78,7 +78,8 @@ def test_controlled_jobs_render_with_their_own_conditions_and_caches_count(home:
     ids = _submit(settings, tmp_path, "ctl", rows, controlnet="tiny-controlnet")
     rt = _runtime(settings, max_batch=3)
 
-    outcome = render_jobs(rt, ids, wait=True)
+    outcome = render_jobs(rt, ids)
+    assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
 
     assert outcome.rendered == 3 and rt.stats.succeeded == 3
     stats = rt.caches.stats()
@@ -106,7 +107,8 @@ def test_one_prompt_with_eight_seeds_runs_t5_once(home: Path, tmp_path: Path) ->
     calls: list[int] = []
     hook = pipe.text_encoder.register_forward_hook(lambda _m, args, _o: calls.append(len(args[0])))
     try:
-        render_jobs(rt, ids, wait=True)
+        render_jobs(rt, ids)
+        assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     finally:
         hook.remove()
     assert rt.stats.succeeded == 8
@@ -118,7 +120,8 @@ def test_int8_jobs_use_an_8bit_t5_on_the_cpu(home: Path, tmp_path: Path) -> None
     settings = load_settings({}, home=str(home), broker_url="memory://", database_url=f"sqlite:///{tmp_path}/f.db")
     ids = _submit(settings, tmp_path, "int8", [{"prompt": "a teapot", "seed": 3}], quantize="int8")
     rt = _runtime(settings)
-    render_jobs(rt, ids, wait=True)
+    render_jobs(rt, ids)
+    assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert rt.stats.succeeded == 1
     pipe = rt.pipelines.get("tiny", "int8")
     _tokenizer, encoder = rt.pipelines.encoders[("tiny", "int8")]
@@ -134,7 +137,8 @@ def test_low_memory_mode_encodes_with_a_transient_8bit_t5(home: Path, tmp_path: 
     settings = load_settings({}, home=str(home), broker_url="memory://", database_url=f"sqlite:///{tmp_path}/f.db")
     ids = _submit(settings, tmp_path, "lowmem", [{"prompt": "a kite"}, {"prompt": "a boat"}], images_per_prompt=2)
     rt = _runtime(settings, low_memory=True, max_batch=2)
-    render_jobs(rt, ids, wait=True)
+    render_jobs(rt, ids)
+    assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert rt.stats.succeeded == 4
     assert rt.pipelines.get("tiny").text_encoder is None  # never resident
     assert rt.caches.t5_loads == 2  # once per batch with a new prompt; repeats come from the cache

@@ -70,7 +70,8 @@ def test_a_task_renders_its_jobs_in_batches_of_the_workers_limit(tmp_path: Path,
     pipe = rt.pipelines.get(str(tiny_model))  # loaded once; count pipeline calls by VAE decodes
     handle = pipe.vae.decoder.register_forward_hook(lambda _m, args, _o: calls.append(int(args[0].shape[0])))
     try:
-        outcome = render_jobs(rt, ids, wait=True)
+        outcome = render_jobs(rt, ids)
+        assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     finally:
         handle.remove()
     assert outcome.rendered == 7

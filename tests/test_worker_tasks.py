@@ -77,18 +77,21 @@ def test_a_failing_job_is_retried_then_failed_without_blocking_others(tmp_path: 
     bad = _submit(engine, tmp_path, "mixed", ["poison"], _broken_copy(tiny_model, tmp_path / "broken"))
     runtime = WorkerRuntime.build(settings, make_celery(settings), name="w-test")
 
-    first = render_jobs(runtime, [*bad, *good], wait=True)
+    first = render_jobs(runtime, [*bad, *good])
+    assert runtime.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert (first.rendered, first.render_failed) == (2, 1)
     assert (runtime.stats.succeeded, runtime.stats.retried, runtime.stats.failed) == (2, 1, 0)
     row = _rows(engine, bad)[bad[0]]
     assert row.status == "queued" and row.attempts == 1  # type: ignore[attr-defined]
     assert row.error.startswith("attempt 1: ModelLoadError")  # type: ignore[attr-defined]
 
-    render_jobs(runtime, bad, wait=True)  # the retry message
+    render_jobs(runtime, bad)  # the retry message
+    assert runtime.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert (runtime.stats.failed, runtime.stats.retried) == (1, 1)
     row = _rows(engine, bad)[bad[0]]
     assert row.status == "failed" and row.attempts == 2 and "ModelLoadError" in row.error  # type: ignore[attr-defined]
-    assert render_jobs(runtime, bad, wait=True).skipped == 1  # out of attempts: never claimed again
+    assert render_jobs(runtime, bad).skipped == 1  # out of attempts: never claimed again
+    assert runtime.uploader.drain(timeout_s=120)  # its uploads stored and recorded
 
 
 @pytest.mark.integration

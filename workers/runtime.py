@@ -172,6 +172,7 @@ class WorkerRuntime:
         leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s, holdings=holdings)
         runtime = cls(settings, app, name, engine, storage, caches, uploader, leases, batch, pool=pool)
         runtime.holdings = holdings
+        uploader.event = runtime.event
         leases.describe = runtime.heartbeat
         leases.on_lost = runtime.lost
         leases.after_beat = lambda: retry_unrecorded(runtime)

@@ -36,13 +36,13 @@ class Outcome:
         return dict(self.__dict__)
 
 
-def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) -> Outcome:
+def render_jobs(rt: WorkerRuntime, job_ids: list[str]) -> Outcome:
     """Render one task's jobs. Render failures are recorded per job; database errors propagate (retried).
 
     A message for jobs this incarnation already holds (or anyone does, under a live lease) claims nothing: it
     is a no-op. A worker whose heartbeat is failing, or that is shutting down, claims nothing either (the
-    jobs stay queued, and the control loop sends them again). wait=True returns only once every image is
-    stored and recorded (shutdown, benchmarks).
+    jobs stay queued, and the control loop sends them again). It returns while the upload pool may still be
+    storing and recording the last batches (rt.uploader.drain() waits for them, as the worker's shutdown does).
     """
     if rt.stopping_at is not None or not rt.leases.healthy():
         log.warning(
@@ -70,12 +70,10 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str], *, wait: bool = False) ->
     except BaseException:
         # Whatever was not handed to the upload pool or recorded must not stay held (renewed for ever): back to
         # pending if the database can say so, else its lease expires and the reaper takes it.
-        pending = [job for batch in batches for job in batch if job.id in dict(rt.holdings.snapshot())]
+        held = dict(rt.holdings.snapshot())
         handed = rt.uploader.holding()
-        _release(rt, [job for job in pending if job.id not in handed])
+        _release(rt, [job for batch in batches for job in batch if job.id in held and job.id not in handed])
         raise
-    if wait:
-        rt.uploader.drain()
     return outcome
 
 

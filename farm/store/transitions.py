@@ -339,14 +339,6 @@ def release(conn: Connection, *, worker: str, held: Sequence[tuple[str, int]]) -
     return released
 
 
-def held_by(conn: Connection, worker: str) -> list[tuple[str, int]]:
-    """(job id, claim seq) of the jobs running under this incarnation, as the database sees them."""
-    rows = conn.execute(
-        select(Job.id, Job.claim_seq).where(Job.worker == worker, Job.status == JobStatus.RUNNING.value)
-    ).all()
-    return [(row.id, row.claim_seq) for row in rows]
-
-
 def set_priority(conn: Connection, dataset_id: int, priority: int) -> None:
     """0–9, higher first; applies to the dataset's jobs dispatched from now on."""
     conn.execute(update(Dataset).where(Dataset.id == dataset_id).values(priority=priority))
