@@ -29,8 +29,12 @@ class JobSpec:
     conditioning_scale: float | None = None
     control_sha256: str | None = None
     control_uri: str | None = None  # set when the condition is stored; derived from control_sha256, so not hashed
-    quantize: str | None = None
+    quantize: str | None = None  # T5 precision ("int8"), or "int8-transformer" (T5 and transformer in 8-bit)
     source_file: str | None = None  # the prompt file the line is in (`<prompts>` for a Python list); not hashed
+    # Inputs added with the per-model samplers (revision 0009); NULL unless the job uses them:
+    negative_prompt: str | None = None  # for models sampled with classifier-free guidance (guidance_scale > 1)
+    control_preprocess: str | None = None  # "hed:<sha256 of the HED weights>": the worker derives the condition
+    timesteps: str | None = None  # "original": the original repository's LCM timesteps instead of diffusers'
 
     def id_in(self, dataset: str) -> str:
         """The job's id in ``dataset``, deterministic: the same image asked for twice in a dataset is one job."""
@@ -44,6 +48,11 @@ class JobSpec:
         if any(value is not None for value in extras):
             scale = "" if self.conditioning_scale is None else repr(float(self.conditioning_scale))
             key += f"\0control\0{self.controlnet or ''}\0{scale}\0{self.control_sha256 or ''}\0{self.quantize or ''}"
+        later = (self.negative_prompt, self.control_preprocess, self.timesteps)
+        # The same rule for the inputs of revision 0009: absent from the key unless set.
+        if any(value is not None for value in later):
+            negative = "" if self.negative_prompt is None else f"{len(self.negative_prompt)}:{self.negative_prompt}"
+            key += f"\0recipe\0{negative}\0{self.control_preprocess or ''}\0{self.timesteps or ''}"
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
     @property
@@ -66,6 +75,8 @@ RENDER_GROUP_FIELDS = (
     "controlnet",
     "conditioning_scale",
     "quantize",
+    "control_preprocess",
+    "timesteps",
 )
 
 
@@ -107,6 +118,7 @@ EXPORT_FIELDS: tuple[ExportField, ...] = (
     ExportField("uri", "output_uri"),
     ExportField("sha256", "sha256"),
     ExportField("bytes", "bytes"),
+    ExportField("recipe", "recipe"),  # how the worker sampled it (JSON): sampler, config, noise, T5 precision
     ExportField("worker", "worker"),
     ExportField("render_seconds", "render_ms"),  # milliseconds in the row, seconds in the export
     ExportField("finished_at", "finished_at"),  # ISO 8601, UTC

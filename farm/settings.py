@@ -40,7 +40,8 @@ class Settings:
     storage_url: str
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
-    default_model: str = "tiny"
+    # The PixArt-δ release; the demo and the tests name the random-weight `tiny` model explicitly.
+    default_model: str = "pixart-lcm-1024"
     queue: str = "render"
     max_attempts: int = 3
     lease_s: int = 600
@@ -59,6 +60,8 @@ class Settings:
     # Submit refuses a control image larger than this, and a prompt-file line longer than this.
     control_image_max_bytes: int = 64 << 20
     max_line_bytes: int = 1 << 20
+    # The HED network's weights (ControlNetHED.pth) for `--condition hed`; empty: under FARM_HOME/models/hed/.
+    hed_weights: str = ""
     # `[pools.NAME]` tables of farm.toml: pool name → the options it sets (POOL_KEYS), read with everything else.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     config_file: Path | None = None  # the farm.toml the settings and pools came from, if any
@@ -72,6 +75,13 @@ class Settings:
     def models_dir(self) -> Path:
         """Where `farm models make-tiny` writes by default and where profiles look for local copies."""
         return self.home / "models"
+
+    @property
+    def hed_weights_path(self) -> Path:
+        """Where this machine keeps the HED weights: FARM_HED_WEIGHTS, or FARM_HOME/models/hed/ControlNetHED.pth."""
+        if self.hed_weights:
+            return Path(self.hed_weights).expanduser()
+        return self.models_dir / "hed" / "ControlNetHED.pth"
 
     def describe(self) -> dict[str, str]:
         """The settings as text, with every secret masked: safe for logs and `farm doctor`."""

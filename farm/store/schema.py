@@ -102,7 +102,13 @@ class Job(Base):
     conditioning_scale: Mapped[float | None] = mapped_column(Float)
     control_sha256: Mapped[str | None] = mapped_column(String(64))
     control_uri: Mapped[str | None] = mapped_column(Text)  # the stored condition image, content-addressed
-    quantize: Mapped[str | None] = mapped_column(String(16))  # "int8" or NULL
+    quantize: Mapped[str | None] = mapped_column(String(16))  # "int8", "int8-transformer" or NULL
+    # Inputs of revision 0009, NULL unless used (farm/job.py).
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    control_preprocess: Mapped[str | None] = mapped_column(String(80))
+    timesteps: Mapped[str | None] = mapped_column(String(16))
+    # How the image was rendered, as JSON (models/recipe.py): written with the result by the attempt that won.
+    recipe: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.PENDING.value)
     # The attempt budget: reset by `farm retry`.
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
@@ -136,6 +142,17 @@ class Job(Base):
         # The dispatch window: queued jobs per queue, oldest send first.
         Index("ix_jobs_status_queued", "status", "queue", "queued_at"),
     )
+
+
+class DatasetRecipe(Base):
+    """Each distinct render recipe a dataset's images were made with: `farm status` warns when there are two."""
+
+    __tablename__ = "dataset_recipes"
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the recipe's JSON
+    recipe: Mapped[str] = mapped_column(Text, nullable=False)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
 
 class Control(Base):
