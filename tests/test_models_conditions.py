@@ -1,4 +1,5 @@
-"""Tests for models.conditions: loading condition images, the Canny preprocessor and VAE encoding."""
+"""Tests for models.conditions: loading condition images, the Canny preprocessor, the resize-and-crop geometry
+and VAE encoding. The HED preprocessor is tested in test_models_hed.py."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from models.conditions import canny, encode_condition, image_sha256, load_condition_image
+from models.conditions import canny, encode_condition, fit_condition, image_sha256, load_condition_image
 from models.tiny import build_tiny_vae
 
 
@@ -65,7 +66,9 @@ def test_encode_condition_is_the_scaled_posterior_mean(tmp_path: Path) -> None:
     latents = encode_condition(vae, image, 96, 64)
     assert latents.shape == (1, 4, 8, 12)
     assert torch.equal(latents, encode_condition(vae, image, 96, 64))
-    pixels = torch.from_numpy(np.asarray(image.resize((96, 64), Image.Resampling.BICUBIC), dtype=np.float32))
+    # Fitted, not stretched: the 64×64 square covers 96×64 at 96×96 and loses 16 rows top and bottom.
+    fitted = image.resize((96, 96), Image.Resampling.BILINEAR).crop((0, 16, 96, 80))
+    pixels = torch.from_numpy(np.asarray(fitted, dtype=np.float32))
     pixels = pixels.permute(2, 0, 1)[None] / 255.0 * 2 - 1
     with torch.no_grad():
         expected = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
@@ -74,6 +77,77 @@ def test_encode_condition_is_the_scaled_posterior_mean(tmp_path: Path) -> None:
     assert half.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="multiples of 8"):
         encode_condition(vae, image, 100, 64)
+
+
+def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _stripes(size: tuple[int, int], vertical: bool) -> Image.Image:
+    """Red, green, blue bands in the proportion 1:2:1, side by side (vertical bands) or stacked."""
+    w, h = size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    if vertical:
+        pixels[:, : w // 4, 0] = pixels[:, w // 4 : 3 * w // 4, 1] = pixels[:, 3 * w // 4 :, 2] = 255
+    else:
+        pixels[: h // 4, :, 0] = pixels[h // 4 : 3 * h // 4, :, 1] = pixels[3 * h // 4 :, :, 2] = 255
+    return Image.fromarray(pixels)
+
+
+def test_fit_condition_crops_the_sides_instead_of_stretching() -> None:
+    """A 2:1 image fitted to a square keeps its centre band; a stretch would keep red and blue too."""
+    fitted = np.asarray(fit_condition(_stripes((128, 64), vertical=True), 64, 64))
+    assert fitted.shape == (64, 64, 3)
+    assert (fitted == (0, 255, 0)).all()
+    stretched = np.asarray(_stripes((128, 64), vertical=True).resize((64, 64), Image.Resampling.BILINEAR))
+    assert stretched[:, 0, 0].max() == 255  # what the old geometry did
+
+
+def test_fit_condition_keeps_a_circle_round() -> None:
+    image = Image.new("RGB", (160, 80))
+    ImageDraw.Draw(image).ellipse((65, 25, 95, 55), fill=(255, 255, 255))  # a circle, 31 px across
+    for width, height in ((64, 64), (96, 64), (64, 96)):
+        mask = np.asarray(fit_condition(image, width, height).convert("L")) > 127
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box_h, box_w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert abs(int(box_h) - int(box_w)) <= 1, (width, height, box_w, box_h)
+        assert box_h > 20 and box_h < min(width, height)  # whole: not cut by the crop
+
+
+def test_fit_condition_covers_a_target_of_the_other_orientation_without_padding() -> None:
+    """Portrait to landscape: scaled ×2 to 128×256 and the middle rows kept, where the original padded black."""
+    fitted = np.asarray(fit_condition(_stripes((64, 128), vertical=False), 128, 64))
+    assert fitted.shape == (64, 128, 3)
+    assert (fitted == (0, 255, 0)).all()
+    noise = _noise((100, 90))  # landscape, but 128×64 needs more than resizing the short side to 64 gives
+    expected = noise.resize((128, 115), Image.Resampling.BILINEAR).crop((0, 26, 128, 90))  # round(25.5) = 26
+    assert np.array_equal(np.asarray(fit_condition(noise, 128, 64)), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("size", "target", "resized", "box"),
+    [
+        ((300, 200), (96, 64), (96, 64), (0, 0, 96, 64)),  # same aspect: a plain resize
+        ((200, 300), (64, 96), (64, 96), (0, 0, 64, 96)),
+        ((333, 200), (96, 64), (106, 64), (5, 0, 101, 64)),  # 64·333/200 = 106.56, truncated to 106
+        ((329, 200), (96, 64), (105, 64), (4, 0, 100, 64)),  # 105.28 → 105; left round(4.5) = 4 (to even)
+        ((200, 350), (64, 96), (64, 112), (0, 8, 64, 104)),  # the short side to min(target) = 64
+        ((50, 40), (64, 64), (80, 64), (8, 0, 72, 64)),  # enlarging the same way
+    ],
+)
+def test_fit_condition_is_torchvision_resize_then_center_crop(
+    size: tuple[int, int], target: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int]
+) -> None:
+    """T.Resize(min(h, w)) then T.CenterCrop([h, w]), with their truncation and rounding."""
+    image = _noise(size)
+    expected = image.resize(resized, Image.Resampling.BILINEAR).crop(box)
+    assert np.array_equal(np.asarray(fit_condition(image, *target)), np.asarray(expected))
+
+
+def test_fit_condition_leaves_an_image_of_the_target_size_alone() -> None:
+    image = _noise((96, 64))
+    assert np.array_equal(np.asarray(fit_condition(image, 96, 64)), np.asarray(image))
+    assert fit_condition(image.convert("L"), 96, 64).mode == "RGB"
 
 
 def test_image_sha256_is_content_hash(tmp_path: Path) -> None:
