@@ -1,8 +1,22 @@
-"""GPU benchmark: the full PixArt-δ 1024 architecture with random weights, fp16 and the 8-bit-T5 low-memory recipe.
+"""GPU benchmark: the worker's own low-memory mode with the real model, and the full PixArt-δ 1024 architecture with
+random weights (fp16, and the 8-bit-T5 recipe done by hand).
 
-    python benchmarks/gpu.py --out results.json            # on a CUDA machine, a few minutes
+    python -m benchmarks.gpu --model /models/PixArt-LCM-XL-2-1024-MS --out worker.json   # the worker, ≤ 6 min
+    python -m benchmarks.gpu --device cpu --tiny                 # the same worker code path, tiny model, CPU
+    python benchmarks/gpu.py --out results.json            # random weights, on a CUDA machine, a few minutes
     python benchmarks/gpu.py --quick --out results.json    # fewer repetitions
     python benchmarks/gpu.py --dry-run-cpu                 # same code path, tiny widths, on the CPU
+
+With --model (a local diffusers folder of PixArt-alpha/PixArt-LCM-XL-2-1024-MS) it measures what a
+`--low-memory` worker does, through the worker's own objects: PipelineCache(settings, low_memory=True) and
+RenderCaches as workers/runtime.py builds them, a few Claimed jobs (quantize int8: T5 in 8-bit), then
+RenderCaches.prepare(jobs) — T5 loaded alone, the task's prompts encoded, T5 freed, then transformer and VAE
+placed — and the batches rendered as workers/tasks.py renders them (render_batch with the prompt cache). It reports
+torch.cuda.max_memory_allocated over the whole task, the peak of the T5 phase (until t5_released) and of the render
+phase (after it) separately, the events in the order they happened with the memory allocated at each, and a second
+task whose prompts are all cached (no T5). Nothing is downloaded.
+
+Without --model:
 
 Nothing is downloaded. The models are built from their configurations with random weights directly on the GPU in
 fp16 (PixArt-XL-2 at 1024: 28 blocks, 16 heads × 72; the T5-XXL encoder; Stable Diffusion's VAE), the
@@ -551,6 +565,286 @@ def bench_int8(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (c) the worker's low-memory mode, through the worker's own code (workers/caches.py), with the real model
+
+WORKER_BATCH = 2  # a small-card pool renders 2 at a time (`max_batch = 2`)
+WORKER_PROMPTS = PROMPTS[:4]
+
+
+class MemoryPoller:
+    """Polls the device's used memory (cudaMemGetInfo: every process, the CUDA context and bitsandbytes' workspace
+    included) from a thread, for the peak that allocator statistics do not see."""
+
+    def __init__(self, device: str, interval_s: float = 0.005) -> None:
+        import threading
+
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_used: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak_used = max(self.peak_used or 0, total - free)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> MemoryPoller:
+        if is_cuda(self.device):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def worker_jobs(model: str, size: int, quantize: str | None, seed0: int, prompts: list[str]) -> list[Any]:
+    """Claimed jobs as a claim returns them: one per prompt, 4 LCM steps, guidance 0."""
+    from farm.job import Claimed
+
+    return [
+        Claimed(
+            prompt=prompt,
+            seed=seed0 + index,
+            width=size,
+            height=size,
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            model=model,
+            source_line=index + 1,
+            quantize=quantize,
+            id=f"{seed0 + index:032x}",
+            dataset_id=1,
+            attempts=1,
+            claim_seq=1,
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+
+
+def render_like_the_worker(caches: Any, batch: list[Any]) -> list[Any]:
+    """One batch as workers/tasks.py `_render` renders it: the cached pipeline, the prompt cache, render_batch."""
+    from dataclasses import fields
+
+    from models.pipeline import RenderRequest, render_batch
+
+    names = [f.name for f in fields(RenderRequest) if hasattr(batch[0], f.name)]
+    requests = [RenderRequest(**{name: getattr(job, name) for name in names}) for job in batch]
+    first = batch[0]
+    pipe = caches.pipelines.get(first.model, first.quantize)
+    if pipe.text_encoder is None:  # the per-batch fallback: after prepare() everything is cached
+        caches.encode_missing_prompts(first, [r.prompt for r in requests])
+    return render_batch(pipe, requests, prompt_cache=caches.prompts, model_key=caches.prompt_key(first))
+
+
+def bench_worker_low_memory(model: str, device: str, quantize: str | None, size: int | None) -> dict[str, Any]:
+    """The worker's low-memory mode on `device`: prepare() then the batches, peaks per phase, the event order."""
+    import torch
+
+    from farm.settings import load_settings
+    from farm.storage import storage_for
+    from workers.caches import PipelineCache, RenderCaches
+
+    home = Path(tempfile.mkdtemp(prefix="farm-bench-home-"))
+    try:
+        settings = load_settings(
+            {},
+            home=str(home),
+            device=device,
+            broker_url="memory://",
+            database_url=f"sqlite:///{home / 'farm.db'}",
+        )
+        # As WorkerRuntime.build makes them for `farm worker --low-memory` (a `low_memory = true` pool).
+        caches = RenderCaches(settings, storage_for(settings), PipelineCache(settings, low_memory=True))
+        side = size or _native_size(model)
+        results: dict[str, Any] = {
+            "model": model,
+            "quantize": quantize,
+            "size": side,
+            "jobs": len(WORKER_PROMPTS),
+            "batch": WORKER_BATCH,
+            "steps": 4,
+        }
+        started = time.perf_counter()
+        events: list[dict[str, Any]] = []
+        phases: dict[str, Any] = {}
+
+        def on_event(name: str, detail: str) -> None:
+            sync(device)
+            row: dict[str, Any] = {"event": name, "detail": detail, "t_s": round(time.perf_counter() - started, 3)}
+            if is_cuda(device):
+                row["allocated_bytes"] = int(torch.cuda.memory_allocated())
+                row["max_allocated_bytes_so_far"] = int(torch.cuda.max_memory_allocated())
+            events.append(row)
+            print(f"[worker] {row['t_s']:8.2f} s  {name:<20} {detail:<28} alloc {gib(row.get('allocated_bytes'))} GiB")
+            if name == "t5_released" and "t5" not in phases:
+                # The T5 phase ends here; the render phase (placing the pipeline, the batches) is measured apart.
+                phases["t5"] = {**peak(device), "s": time.perf_counter() - started}
+                reset_peak(device)
+
+        caches.on_event = on_event
+
+        def run_task(label: str, jobs: list[Any]) -> dict[str, Any]:
+            reset_peak(device)
+            phases.clear()
+            first_event = len(events)
+            t5_before = caches.t5_loads
+            task_started = time.perf_counter()
+            with MemoryPoller(device) as poller:
+                caches.prepare(jobs)  # what workers/tasks.py calls once per task before its batches
+                prepared = time.perf_counter()
+                batch_s = []
+                images: list[Any] = []
+                for start in range(0, len(jobs), WORKER_BATCH):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    images += render_like_the_worker(caches, jobs[start : start + WORKER_BATCH])
+                    sync(device)
+                    batch_s.append(time.perf_counter() - t0)
+                render = peak(device)
+            t5 = phases.get("t5")
+            whole = {
+                key: max(v for v in (render[key], (t5 or {}).get(key)) if v is not None)
+                if render[key] is not None
+                else None
+                for key in ("peak_allocated_bytes", "peak_reserved_bytes")
+            }
+            names = [e["event"] for e in events[first_event:]]
+            row = {
+                "t5_loads": caches.t5_loads - t5_before,
+                "events": events[first_event:],
+                "event_order": names,
+                # The paper's order: T5 freed before the transformer and VAE came (back) onto the device.
+                "order_ok": all(names.index("t5_released") < i for i, n in enumerate(names) if n == "pipeline_placed")
+                if "t5_released" in names
+                else None,
+                "prepare_s": prepared - task_started,
+                "batch_s": [round(t, 4) for t in batch_s],
+                "s_per_image_render": sum(batch_s) / len(jobs),
+                "total_s": time.perf_counter() - task_started,
+                "t5_phase": t5,
+                "render_phase": render,
+                "whole_task": whole,
+                "peak_device_used_bytes_polled": poller.peak_used,
+                "images": [_image_stats(image) for image in images],
+            }
+            print(
+                f"[worker] {label}: {len(jobs)} images, prepare {row['prepare_s']:.1f} s, "
+                f"render {row['s_per_image_render']:.3f} s/image; peak alloc whole task "
+                f"{gib(whole['peak_allocated_bytes'])} GiB (T5 phase "
+                f"{gib((t5 or {}).get('peak_allocated_bytes'))}, render phase {gib(render['peak_allocated_bytes'])})",
+                flush=True,
+            )
+            return row
+
+        jobs = worker_jobs(model, side, quantize, 0, WORKER_PROMPTS)
+        results["first_task"] = run_task("first task (new prompts)", jobs)
+        # The same prompts with other seeds: all cached, so no T5 and nothing moves.
+        results["cached_task"] = run_task(
+            "second task (cached prompts)", worker_jobs(model, side, quantize, 100, WORKER_PROMPTS)
+        )
+        results["caches"] = caches.stats()
+        return results
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _native_size(model: str) -> int:
+    """The model's own size: its transformer's latent size × 8 (1024 for PixArt-LCM-XL-2-1024-MS)."""
+    try:
+        config = json.loads((Path(model) / "transformer" / "config.json").read_text())
+        return int(config["sample_size"]) * 8
+    except (OSError, ValueError, KeyError):
+        return 1024
+
+
+def _image_stats(image: Any) -> dict[str, Any]:
+    import numpy as np
+
+    pixels = np.asarray(image)
+    return {"size": list(image.size), "mean": round(float(pixels.mean()), 2), "std": round(float(pixels.std()), 2)}
+
+
+def evaluate_worker(results: dict[str, Any], device: str) -> list[str]:
+    first = results.get("first_task", {})
+    cached = results.get("cached_task", {})
+    whole = first.get("whole_task", {}).get("peak_allocated_bytes")
+    lines = [f"Worker low-memory mode ({results.get('quantize') or 'full'} T5), {results.get('size')} px:"]
+    lines.append(
+        f"  event order, first task: {' → '.join(first.get('event_order', []))} (order ok: {first.get('order_ok')})"
+    )
+    lines.append(
+        f"  T5 loads: first task {first.get('t5_loads')}, cached task {cached.get('t5_loads')} (expected 1, 0)"
+    )
+    if is_cuda(device):
+        ok = whole is not None and whole <= TARGET_PEAK_BYTES_INT8
+        lines.append(
+            f"  peak allocated over the whole first task ≤ 8 GiB: {gib(whole)} GiB → {'MET' if ok else 'NOT MET'} "
+            f"(T5 phase {gib((first.get('t5_phase') or {}).get('peak_allocated_bytes'))}, render phase "
+            f"{gib(first.get('render_phase', {}).get('peak_allocated_bytes'))}; device used, polled: "
+            f"{gib(first.get('peak_device_used_bytes_polled'))} GiB incl. CUDA context)"
+        )
+    else:
+        lines.append("  memory: not measured on the CPU")
+    return lines
+
+
+def run_worker_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device
+    if is_cuda(device) and not torch.cuda.is_available():
+        print("No CUDA device: use --device cpu (with --tiny) to check the worker path here.")
+        return 2
+    quantize = None if args.quantize == "none" else args.quantize
+    started = time.perf_counter()
+    env = environment(device)
+    print(f"device: {env.get('gpu_name', 'cpu')}, torch {env['torch']}, diffusers {env['diffusers']}", flush=True)
+    tiny_dir = None
+    model = args.model
+    if args.tiny:
+        from models.tiny import make_tiny
+
+        tiny_dir = tempfile.mkdtemp(prefix="pixart-tiny-")
+        model = str(make_tiny(Path(tiny_dir) / "tiny", seed=0))
+    model = str(Path(model).expanduser().resolve())
+    try:
+        report: dict[str, Any] = {
+            "benchmark": "benchmarks/gpu.py (worker low-memory mode)",
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "device": device,
+            "device_name": env.get("gpu_name", "cpu"),
+            "environment": env,
+            "results": {
+                "worker_low_memory": guarded(
+                    "worker low-memory", device, lambda: bench_worker_low_memory(model, device, quantize, args.size)
+                )
+            },
+        }
+    finally:
+        if tiny_dir is not None:
+            shutil.rmtree(tiny_dir, ignore_errors=True)
+    result = report["results"]["worker_low_memory"]
+    report["elapsed_s"] = time.perf_counter() - started
+    lines = evaluate_worker(result, device) if result.get("status") == "ok" else [f"failed: {result.get('error')}"]
+    report["targets"] = {"lines": lines}
+    print()
+    for line in lines:
+        print(line)
+    print(f"\nelapsed {report['elapsed_s']:.1f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+    return 1 if result.get("status") == "error" else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -679,19 +973,7 @@ def environment(device: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, help="write every figure as JSON here")
-    parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed repetitions")
-    parser.add_argument(
-        "--dry-run-cpu", action="store_true", help="tiny widths, 2 layers, on the CPU: checks the script end to end"
-    )
-    parser.add_argument("--tmp-dir", help="where the fp16 T5 is saved for the 8-bit load (needs ~10 GB on a GPU run)")
-    parser.add_argument("--skip-int8", action="store_true", help="only the fp16 configuration")
-    args = parser.parse_args(argv)
-
-    import torch
-
+def _quiet_libraries() -> None:
     # Random weights can give NaN pixels; bitsandbytes logs a cast notice per int8 matmul on the CPU; diffusers
     # warns about `.to(dtype)` on freshly built models. None of it is news in a benchmark.
     warnings.filterwarnings("ignore", message=".*invalid value encountered in cast.*")
@@ -703,6 +985,39 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, help="write every figure as JSON here")
+    parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed repetitions")
+    parser.add_argument(
+        "--dry-run-cpu", action="store_true", help="tiny widths, 2 layers, on the CPU: checks the script end to end"
+    )
+    parser.add_argument("--tmp-dir", help="where the fp16 T5 is saved for the 8-bit load (needs ~10 GB on a GPU run)")
+    parser.add_argument("--skip-int8", action="store_true", help="only the fp16 configuration")
+    worker = parser.add_argument_group("the worker's low-memory mode (instead of the random-weight configurations)")
+    worker.add_argument("--model", help="a local diffusers folder, e.g. of PixArt-alpha/PixArt-LCM-XL-2-1024-MS")
+    worker.add_argument("--tiny", action="store_true", help="build the tiny random model and use it (a CPU smoke run)")
+    worker.add_argument("--device", default="cuda", help="the worker's device (default cuda; cpu for a smoke run)")
+    worker.add_argument(
+        "--quantize",
+        choices=("int8", "none", "int8-transformer"),
+        default="int8",
+        help="the jobs' quantize: int8 = 8-bit T5 (the paper's recipe, default), none = full-precision T5, "
+        "int8-transformer = T5 and transformer in 8-bit (CUDA only)",
+    )
+    worker.add_argument("--size", type=int, help="image side in pixels (default: the model's own size)")
+    args = parser.parse_args(argv)
+    if args.model and args.tiny:
+        parser.error("--model and --tiny exclude each other")
+    if args.model or args.tiny:
+        _quiet_libraries()
+        return run_worker_benchmark(args)
+
+    import torch
+
+    _quiet_libraries()
 
     if args.dry_run_cpu:
         spec, device, dtype = DRY, "cpu", torch.float32

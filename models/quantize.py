@@ -50,6 +50,43 @@ def load_text_encoder_8bit(
     ).eval()
 
 
+def load_text_encoder(
+    source: str | Path,
+    *,
+    precision: str | None,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    subfolder: str | None = "text_encoder",
+    local_files_only: bool = False,
+) -> T5EncoderModel:
+    """Load a pipeline's T5 encoder at a job's T5 precision: None → full precision in `dtype` (fp32 if None),
+    "int8" → LLM.int8 linear layers (load_text_encoder_8bit; `dtype` is then the non-int8 parts', fp16 if None)."""
+    if precision == "int8":
+        return load_text_encoder_8bit(source, subfolder, device=device, dtype=dtype, local_files_only=local_files_only)
+    if precision is not None:
+        raise ValueError(f"unknown T5 precision {precision!r}: expected None (full precision) or 'int8'")
+    import torch
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(
+        str(source),
+        # Explicit: transformers 5 would otherwise load in the checkpoint's own dtype ("auto").
+        dtype=dtype if dtype is not None else torch.float32,
+        # Straight onto the device: no second copy in host memory on the way.
+        device_map={"": device},
+        **_load_kwargs(source, subfolder, local_files_only),
+    ).eval()
+
+
+def load_tokenizer(
+    source: str | Path, subfolder: str | None = "tokenizer", *, local_files_only: bool = False
+) -> T5Tokenizer:
+    """The pipeline's T5 tokenizer (what the transient encoders of the low-memory mode need beside them)."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(str(source), **_load_kwargs(source, subfolder, local_files_only))
+
+
 def load_transformer_8bit(
     source: str | Path,
     subfolder: str | None = "transformer",
@@ -108,8 +145,10 @@ def encode_prompts(
         embeds, mask, _, _ = pipe.encode_prompt(
             list(prompts),
             do_classifier_free_guidance=False,
-            # The farm stores prompts verbatim; caption cleaning would need bs4 and ftfy and rewrite them.
-            clean_caption=False,
+            # As the release encodes: caption cleaning (bs4 + ftfy, both installed) lower-cases the prompt, strips
+            # URLs, HTML and stray punctuation before T5. Without bs4 or ftfy diffusers would log a warning and
+            # fall back to lower-casing only; the prompt stored on the job stays verbatim either way.
+            clean_caption=True,
             max_sequence_length=max_sequence_length,
         )
     return embeds, mask
@@ -133,10 +172,8 @@ def encode_prompts_low_memory(
     local_files_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1–2 of the 8 GB recipe: encode with an 8-bit T5 loaded just for this, then free it."""
-    from transformers import T5Tokenizer
-
     # 1. Load the tokenizer and the 8-bit encoder.
-    tokenizer = T5Tokenizer.from_pretrained(str(source), **_load_kwargs(source, "tokenizer", local_files_only))
+    tokenizer = load_tokenizer(source, local_files_only=local_files_only)
     encoder = load_text_encoder_8bit(source, device=device, local_files_only=local_files_only)
     # 2. Encode every prompt in one call, guidance off.
     embeds, mask = encode_prompts((tokenizer, encoder), prompts, max_sequence_length=max_sequence_length)

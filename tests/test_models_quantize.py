@@ -15,7 +15,9 @@ from models.quantize import (
     QuantizationUnavailable,
     encode_prompts,
     encode_prompts_low_memory,
+    load_text_encoder,
     load_text_encoder_8bit,
+    load_tokenizer,
     load_transformer_8bit,
     module_footprint_bytes,
 )
@@ -158,3 +160,23 @@ def test_low_memory_recipe_matches_8bit_pipeline(tiny_dir: Path) -> None:
     with pytest.raises(ValueError, match="guidance"):
         cfg = [RenderRequest(prompt="x", seed=0, width=64, height=64, guidance_scale=4.5)]
         render_batch(lean, cfg, prompt_embeds=embeds[:1], prompt_attention_mask=mask[:1])
+
+
+def test_text_encoder_at_a_jobs_precision_and_captions_cleaned_as_released(tiny_dir: Path) -> None:
+    """load_text_encoder: None is full precision in the given dtype, "int8" is LLM.int8; encode_prompts cleans
+    captions as the release's pipeline does (bs4 + ftfy: lower case, no HTML, no URLs)."""
+    tokenizer = load_tokenizer(tiny_dir)
+    full = load_text_encoder(tiny_dir, precision=None, dtype=torch.float32)
+    assert full.dtype == torch.float32 and not any(isinstance(m, Linear8bitLt) for m in full.modules())
+    reference = T5EncoderModel.from_pretrained(tiny_dir, subfolder="text_encoder", dtype=torch.float32).eval()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(full.state_dict()[name], tensor), name
+    int8 = load_text_encoder(tiny_dir, precision="int8")
+    assert any(isinstance(m, Linear8bitLt) for m in int8.modules())
+    with pytest.raises(ValueError, match="unknown T5 precision"):
+        load_text_encoder(tiny_dir, precision="int4")
+
+    messy = "A <b>Photo</b> of a RED cat https://example.com/cat.png sitting on a table"
+    cleaned, mask = encode_prompts((tokenizer, full), [messy])
+    plain, plain_mask = encode_prompts((tokenizer, full), [PROMPTS[0]])
+    assert torch.equal(cleaned, plain) and torch.equal(mask, plain_mask)

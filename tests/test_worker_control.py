@@ -128,20 +128,24 @@ def test_int8_jobs_use_an_8bit_t5_on_the_cpu(home: Path, tmp_path: Path) -> None
     assert pipe.text_encoder is None  # kept beside the pipeline, which would cast embeddings to fp16
     int8 = [m for m in encoder.modules() if m.__class__.__name__ == "Linear8bitLt"]
     assert int8, "T5's linear layers should be bitsandbytes int8"
-    assert pipe.transformer.dtype == torch.float32  # the transformer is 8-bit only on CUDA
+    assert pipe.transformer.dtype == torch.float32  # "int8" is the T5 only ("int8-transformer": CUDA only)
     with open_store(settings).connect() as conn:
         assert conn.execute(select(Job.quantize).where(Job.id == ids[0])).scalar_one() == "int8"
 
 
 def test_low_memory_mode_encodes_with_a_transient_8bit_t5(home: Path, tmp_path: Path) -> None:
     settings = load_settings({}, home=str(home), broker_url="memory://", database_url=f"sqlite:///{tmp_path}/f.db")
-    ids = _submit(settings, tmp_path, "lowmem", [{"prompt": "a kite"}, {"prompt": "a boat"}], images_per_prompt=2)
+    rows = [{"prompt": "a kite"}, {"prompt": "a boat"}]
+    # The T5 precision is the job's: --quantize int8 (the paper's recipe); without it T5 runs at full precision.
+    ids = _submit(settings, tmp_path, "lowmem", rows, images_per_prompt=2, quantize="int8")
     rt = _runtime(settings, low_memory=True, max_batch=2)
     render_jobs(rt, ids)
     assert rt.uploader.drain(timeout_s=120)  # its uploads stored and recorded
     assert rt.stats.succeeded == 4
-    assert rt.pipelines.get("tiny").text_encoder is None  # never resident
-    assert rt.caches.t5_loads == 2  # once per batch with a new prompt; repeats come from the cache
+    assert rt.pipelines.get("tiny", "int8").text_encoder is None  # never resident
+    assert not rt.pipelines.encoders  # nor kept beside the pipeline: loaded for the task's prompts, then freed
+    assert set(rt.caches.prompts.cached_keys()) == {("tiny|int8", "a kite"), ("tiny|int8", "a boat")}
+    assert rt.caches.t5_loads == 1  # once for the task's prompts (RenderCaches.prepare), not once per batch
     assert rt.caches.prompts.misses == 0  # filled before rendering, so the pipeline only ever hits
 
 

@@ -167,6 +167,9 @@ class WorkerRuntime:
         # Two batches may wait for storage while a third renders; beyond that the render loop waits.
         uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch, event=event, is_lost=holdings.is_lost)
         caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory))
+        # The model-level steps (T5 loaded and released, pipeline moved off and onto the device), in the job
+        # events' format with a detail instead of a job, so the order can be read from the worker's log.
+        caches.on_event = lambda step, detail: log.info("event=%s detail=%s worker=%s", step, detail, name)
         engine = make_engine(settings.database_url)
         ensure_schema(engine, auto_upgrade=settings.embedded)  # refuses a job store newer than this code
         leases = LeaseKeeper(engine, worker=name, lease_s=settings.lease_s, holdings=holdings)
