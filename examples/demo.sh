@@ -11,7 +11,8 @@ echo "== 1. tiny PixArt-δ model (random weights, built offline)"
 if [ ! -f "$home/models/tiny/model_index.json" ]; then farm models make-tiny; else echo "already at $home/models/tiny"; fi
 
 echo "== 2. submit examples/prompts.txt as dataset 'demo' (2 images per prompt)"
-farm submit examples/prompts.txt --dataset demo --images-per-prompt 2
+# The demo names the random-weight tiny model; without --model the farm renders the PixArt-δ release.
+farm submit examples/prompts.txt --dataset demo --model tiny --images-per-prompt 2
 
 echo "== 3. one worker process until the dataset is done"
 farm worker --loglevel WARNING > "$home/demo-worker.log" 2>&1 &

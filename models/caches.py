@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, PixArtAlphaPipeline
 
     from models.controlnet import PixArtControlNetAdapter
+    from models.hed import HEDNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +137,27 @@ class ConditionLatentCache(LRUCache[tuple[str, str, int, int], "torch.Tensor"]):
         return self.latents_for(image_sha256(path), lambda: path, vae, width, height)
 
     def latents_for(
-        self, sha256: str, fetch: Callable[[], str | Path], vae: AutoencoderKL, width: int, height: int
+        self,
+        sha256: str,
+        fetch: Callable[[], str | Path],
+        vae: AutoencoderKL,
+        width: int,
+        height: int,
+        *,
+        hed: HEDNetwork | None = None,
+        preprocess: str | None = None,
     ) -> torch.Tensor:
-        """Like latents(), keyed by a known sha256: a hit reads no file; `fetch` gives the image's path on a miss."""
+        """Like latents(), keyed by a known sha256: a hit reads no file; `fetch` gives the image's path on a miss.
+
+        With `hed` the image is first turned into HED soft edges; `preprocess` ("hed:<weights sha256>") keys them.
+        """
         from models.conditions import encode_condition, load_condition_image
 
-        key = (sha256, model_identity(vae), width, height)
-        return self.get_or_create(key, lambda: encode_condition(vae, load_condition_image(fetch()), width, height))
+        source = sha256 if preprocess is None else f"{sha256}|{preprocess}"
+        key = (source, model_identity(vae), width, height)
+        return self.get_or_create(
+            key, lambda: encode_condition(vae, load_condition_image(fetch()), width, height, hed=hed)
+        )
 
 
 class PromptEmbeddingCache(LRUCache[tuple[str, str], "tuple[torch.Tensor, torch.Tensor]"]):

@@ -1,4 +1,8 @@
-"""Load a PixArt-α/δ pipeline with the PixArt LCM scheduler and render one seeded image per request."""
+"""Load a PixArt-α/δ pipeline with the sampler its release uses and render seeded images.
+
+Noise is drawn on the CPU (as the official LCM demo does), so a job's image does not depend on the device that
+rendered it beyond the kernels' own rounding; captions are cleaned as the release's pipeline cleans them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.devices import resolve_device, resolve_dtype
-from models.scheduler import pixart_lcm_scheduler
+from models.scheduler import ORIGINAL_REPO_4_STEP_TIMESTEPS, release_scheduler, sampler_of
 
 if TYPE_CHECKING:
     import torch
@@ -39,18 +43,23 @@ class RenderDeadlineExceeded(RuntimeError):
     """A render ran past its wall-clock deadline; raised between denoising steps, so the call stops there."""
 
 
+# Named timestep schedules a job may ask for instead of its scheduler's own spacing.
+NAMED_TIMESTEPS: dict[str, tuple[int, ...]] = {"original": ORIGINAL_REPO_4_STEP_TIMESTEPS}
+
+
 @dataclass(frozen=True)
 class RenderRequest:
-    """One image to render: prompt, seed and size, plus LCM sampling settings."""
+    """One image to render: prompt, seed and size, plus the sampling settings (the sampler is the pipeline's)."""
 
     prompt: str
     seed: int
     width: int
     height: int
-    # PixArt-LCM is distilled for 2–4 steps with guidance baked in at w=4.5, so CFG stays off:
-    # a scale above 1 would only double the batch.
+    # PixArt-LCM's defaults: distilled for 2–4 steps with guidance baked in at w=4.5, so CFG stays off.
     num_inference_steps: int = 4
     guidance_scale: float = 0.0
+    negative_prompt: str | None = None  # used when guidance_scale > 1 (CFG); None is PixArt's "" negative
+    timesteps: str | None = None  # a NAMED_TIMESTEPS key: "original" is the original repo's LCM 4-step schedule
 
     def __post_init__(self) -> None:
         """Reject values the pipeline would fail on deep inside a worker."""
@@ -60,6 +69,20 @@ class RenderRequest:
             raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be non-negative, got {self.guidance_scale}")
+        if self.timesteps is not None:
+            named = NAMED_TIMESTEPS.get(self.timesteps)
+            if named is None:
+                raise ValueError(f"unknown timesteps {self.timesteps!r}: expected one of {', '.join(NAMED_TIMESTEPS)}")
+            if len(named) != self.num_inference_steps:
+                raise ValueError(
+                    f"timesteps {self.timesteps!r} are {len(named)} steps, "
+                    f"but the job asks for {self.num_inference_steps}"
+                )
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the pipeline runs classifier-free guidance for this request (diffusers: scale > 1)."""
+        return self.guidance_scale > 1
 
 
 def _looks_like_local_path(source: str) -> bool:
@@ -91,9 +114,12 @@ def load_pipeline(
     dtype: str = "auto",
     local_files_only: bool = False,
     with_text_encoder: bool = True,
+    sampler: str | None = None,
 ) -> PixArtAlphaPipeline:
-    """Load a PixArtAlphaPipeline from a folder or hub id, with the PixArt LCM scheduler, on `device`.
+    """Load a PixArtAlphaPipeline from a folder or hub id on `device`, sampled with its own scheduler.
 
+    sampler: "lcm" or "dpm-solver++" puts that sampler in its release configuration (a model profile says which);
+    None keeps the scheduler the model ships (its scheduler/scheduler_config.json).
     with_text_encoder=False skips T5 (step 3 of the 8 GB recipe): render from precomputed prompt embeddings.
     """
     from diffusers import PixArtAlphaPipeline
@@ -121,8 +147,8 @@ def load_pipeline(
             f"Could not load PixArtAlphaPipeline from {where} {source!r}{hint}: {type(exc).__name__}: {exc}"
         ) from exc
 
-    # Whatever scheduler the checkpoint ships, sample with the LCM scheduler on PixArt's noise schedule.
-    pipe.scheduler = pixart_lcm_scheduler()
+    if sampler is not None:
+        pipe.scheduler = release_scheduler(sampler)
     pipe = pipe.to(resolved_device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -150,20 +176,43 @@ def render_size(pipe: PixArtAlphaPipeline, width: int, height: int) -> tuple[int
     return binned_width, binned_height
 
 
+NOISE_DEVICE = "cpu"
+
+
 def make_generator(pipe: PixArtAlphaPipeline, seed: int) -> torch.Generator:
-    """Return a generator on the pipeline's device, seeded with `seed`."""
+    """A CPU generator seeded with `seed`, whatever the pipeline's device.
+
+    diffusers draws the initial latents on the generator's device and moves them to the pipeline's, so the noise
+    of a seed is torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) on every worker: the
+    official LCM demo's noise, and the same image on a CPU and a GPU up to the kernels' rounding.
+    """
     import torch
 
-    # The pipeline draws the initial latents with this generator on its own device, so a CUDA pipeline
-    # needs a CUDA generator; on CPU this is exactly torch.Generator().manual_seed(seed).
-    device = pipe.device
-    generator_device = "cpu" if device.type == "cpu" else str(device)
-    return torch.Generator(device=generator_device).manual_seed(seed)
+    del pipe  # the noise no longer depends on where the pipeline runs
+    return torch.Generator(device=NOISE_DEVICE).manual_seed(seed)
+
+
+def check_request(pipe: PixArtAlphaPipeline, request: RenderRequest) -> None:
+    """Refuse settings the loaded sampler cannot run (a hub id's sampler is known only here), plainly."""
+    scheduler = pipe.scheduler
+    sampler = sampler_of(scheduler) or type(scheduler).__name__
+    if sampler == "lcm":
+        limit = int(scheduler.config.get("original_inference_steps", 50))
+    else:
+        limit = int(scheduler.config.get("num_train_timesteps", 1000))
+    if request.num_inference_steps > limit:
+        raise ValueError(
+            f"this model samples with {sampler}, which takes at most {limit} steps; "
+            f"the job asks for {request.num_inference_steps}"
+        )
+    if request.timesteps is not None and sampler != "lcm":
+        raise ValueError(f"timesteps {request.timesteps!r} are LCM timesteps, but this model samples with {sampler}")
 
 
 def render_kwargs(pipe: PixArtAlphaPipeline, request: RenderRequest) -> dict[str, Any]:
     """Return exactly the keyword arguments render() passes to the pipeline for `request`."""
-    return {
+    check_request(pipe, request)
+    kwargs: dict[str, Any] = {
         "prompt": request.prompt,
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.guidance_scale,
@@ -171,10 +220,19 @@ def render_kwargs(pipe: PixArtAlphaPipeline, request: RenderRequest) -> dict[str
         "height": request.height,
         "generator": make_generator(pipe, request.seed),
         "use_resolution_binning": uses_resolution_binning(pipe),
-        # Caption cleaning needs bs4 and ftfy and rewrites prompts; the farm stores prompts verbatim.
-        "clean_caption": False,
+        # As the release's pipeline does (diffusers' default): the prompt is cleaned before T5 (bs4 and ftfy).
+        # The farm stores and exports the prompt as given.
+        "clean_caption": CLEAN_CAPTION,
         "output_type": "pil",
     }
+    if request.cfg:
+        kwargs["negative_prompt"] = request.negative_prompt or ""
+    if request.timesteps is not None:
+        kwargs["timesteps"] = list(NAMED_TIMESTEPS[request.timesteps])
+    return kwargs
+
+
+CLEAN_CAPTION = True
 
 
 def render(pipe: PixArtAlphaPipeline, request: RenderRequest) -> Image.Image:
@@ -193,15 +251,16 @@ def check_batchable(requests: list[RenderRequest]) -> None:
         raise ValueError("render_batch needs at least one request")
     first = requests[0]
     for other in requests[1:]:
-        same = (other.width, other.height, other.num_inference_steps, other.guidance_scale) == (
+        same = (other.width, other.height, other.num_inference_steps, other.guidance_scale, other.timesteps) == (
             first.width,
             first.height,
             first.num_inference_steps,
             first.guidance_scale,
+            first.timesteps,
         )
         if not same:
             raise ValueError(
-                "requests in one batch must share width, height, num_inference_steps and guidance_scale; "
+                "requests in one batch must share width, height, num_inference_steps, guidance_scale and timesteps; "
                 f"got {first} and {other}"
             )
 
@@ -289,7 +348,8 @@ def _prompt_kwargs(
 ) -> dict[str, Any]:
     """Return the pipeline's prompt arguments: text, cached embeddings or the caller's embeddings."""
     prompts = [r.prompt for r in requests]
-    cfg = requests[0].guidance_scale > 1
+    negatives = [r.negative_prompt or "" for r in requests]
+    cfg = requests[0].cfg
     if prompt_embeds is not None:
         if prompt_attention_mask is None or prompt_embeds.shape[0] != len(requests):
             raise ValueError("prompt_embeds needs prompt_attention_mask and one row per request")
@@ -302,18 +362,18 @@ def _prompt_kwargs(
             "prompt_attention_mask": prompt_attention_mask,
         }
     if prompt_cache is None:
-        return {"prompt": prompts}
+        return {"prompt": prompts, **({"negative_prompt": negatives} if cfg else {})}
     embeds, mask = prompt_cache.embed(pipe, prompts, model_key=model_key)
     # An 8-bit T5 hands back fp16 embeddings; the pipeline takes its latents' dtype from them, so match the
     # transformer (an fp32 transformer on a CPU would otherwise meet fp16 latents).
     embeds = embeds.to(pipe.transformer.dtype)
     extra: dict[str, Any] = {}
     if cfg:
-        # PixArt's negative prompt is ""; cache its embedding like any other prompt.
-        neg_embeds, neg_mask = prompt_cache.embed(pipe, [""], model_key=model_key)
+        # Each image's own negative prompt (PixArt's default is ""), cached like any other prompt.
+        neg_embeds, neg_mask = prompt_cache.embed(pipe, negatives, model_key=model_key)
         extra = {
-            "negative_prompt_embeds": neg_embeds.expand_as(embeds),
-            "negative_prompt_attention_mask": neg_mask.expand_as(mask),
+            "negative_prompt_embeds": neg_embeds.to(pipe.transformer.dtype),
+            "negative_prompt_attention_mask": neg_mask,
         }
     return {"prompt": None, "negative_prompt": None, "prompt_embeds": embeds, "prompt_attention_mask": mask, **extra}
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.scheduler import pixart_lcm_scheduler
+from models.scheduler import release_scheduler
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
@@ -139,8 +139,12 @@ def build_components(
     text_encoder: Callable[[int], T5EncoderModel],
     transformer: Callable[[], PixArtTransformer2DModel],
     vae: Callable[[], AutoencoderKL],
+    sampler: str = "lcm",
 ) -> dict[str, Any]:
-    """Build every PixArtAlphaPipeline component from the given builders, with weights set by `seed` alone."""
+    """Build every PixArtAlphaPipeline component from the given builders, with weights set by `seed` alone.
+
+    `sampler` is the scheduler the folder ships ("lcm" as PixArt-LCM, "dpm-solver++" as PixArt-XL-2), in its
+    release configuration: the worker samples every model with the scheduler it ships."""
     import torch
 
     # fork_rng keeps the caller's global RNG stream untouched; each component gets its own offset
@@ -158,7 +162,7 @@ def build_components(
         "text_encoder": encoder,
         "vae": autoencoder,
         "transformer": denoiser,
-        "scheduler": pixart_lcm_scheduler(),
+        "scheduler": release_scheduler(sampler),
     }
 
 
@@ -172,13 +176,18 @@ def save_pipeline(components: dict[str, Any], path: str | Path) -> Path:
     return target
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, Any]:
+def build_tiny_components(seed: int = 0, *, sampler: str = "lcm") -> dict[str, Any]:
     """Build every tiny PixArtAlphaPipeline component with weights determined by `seed` alone."""
     return build_components(
-        seed, text_encoder=build_tiny_text_encoder, transformer=build_tiny_transformer, vae=build_tiny_vae
+        seed,
+        text_encoder=build_tiny_text_encoder,
+        transformer=build_tiny_transformer,
+        vae=build_tiny_vae,
+        sampler=sampler,
     )
 
 
-def make_tiny(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a complete tiny random-weight PixArtAlphaPipeline folder to `path` and return it."""
-    return save_pipeline(build_tiny_components(seed), path)
+def make_tiny(path: str | Path, *, seed: int = 0, sampler: str = "lcm") -> Path:
+    """Write a complete tiny random-weight PixArtAlphaPipeline folder to `path` and return it: "lcm" ships the
+    PixArt-LCM scheduler (a stand-in for the δ release), "dpm-solver++" PixArt-XL-2's (a stand-in for α)."""
+    return save_pipeline(build_tiny_components(seed, sampler=sampler), path)

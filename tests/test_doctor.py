@@ -38,8 +38,13 @@ def test_doctor_passes_on_the_embedded_default(tmp_path: Path, tiny_model: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = _lines(result.stdout)
     assert set(lines) == set(CHECKS), result.stdout
-    for name in ("database", "broker", "storage", "models"):
+    for name in ("database", "broker", "storage"):
         assert lines[name].startswith("OK"), lines[name]
+    # The default model is the release, whose weights this machine does not have: a warning with the download's
+    # size (workers fetch it on first use), not a failure.
+    assert lines["models"].startswith("WARN"), lines["models"]
+    assert "needs a download of PixArt-alpha/PixArt-LCM-XL-2-1024-MS (≈ 21.8 GB)" in lines["models"]
+    assert "tiny local" in lines["models"]
     assert lines["cuda"].startswith(("OK", "WARN")), lines["cuda"]  # no GPU here is a warning, not a failure
     assert "wrote, read back and deleted" in lines["storage"]
     assert not list((home / "images").rglob("probe-*")), "the probe object was left behind"
@@ -67,7 +72,7 @@ def test_doctor_reports_stopped_services_and_prints_no_secret(
     assert "Connection refused" in lines["database"] or "connection" in lines["database"].lower()
     assert lines["broker"].startswith("FAIL") and f"Redis running at 127.0.0.1:{redis_port}" in lines["broker"]
     assert lines["storage"].startswith("FAIL") and "bucket" in lines["storage"]
-    assert lines["models"].startswith("OK")
+    assert lines["models"].startswith("WARN")  # the release default is not on this machine: a download, not a fault
     assert "3 of 5 checks failed: database, broker, storage" in result.stdout
     assert "redis://:***@127.0.0.1" in lines["broker"]
     for secret in secrets:
@@ -118,7 +123,7 @@ def test_production_database_behind_the_code_says_to_upgrade(tmp_path: Path, pg_
 
 
 def test_missing_tiny_model_fails_with_the_command_that_makes_it(tmp_path: Path) -> None:
-    check = check_models(load_settings({}, home=str(tmp_path)))
+    check = check_models(load_settings({}, home=str(tmp_path), default_model="tiny"))
     assert check.level is Level.FAIL and check.hint == "run `farm models make-tiny`"
     hub = check_models(load_settings({}, home=str(tmp_path), default_model="pixart-lcm-1024"))
     assert hub.level in (Level.OK, Level.WARN)  # a hub model is usable, with a download when not cached

@@ -134,7 +134,7 @@ def test_embedded_default_runs_the_same_path(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p, "seed": i}) for i, p in enumerate(PROMPTS[:6])))
-    submitted = run_farm(["submit", str(prompts), "--dataset", "embedded"], env)
+    submitted = run_farm(["submit", str(prompts), "--dataset", "embedded", "--model", "tiny"], env)
     assert submitted.returncode == 0, submitted.stderr
     assert "6 new jobs" in submitted.stdout
 

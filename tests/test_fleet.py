@@ -80,7 +80,8 @@ def test_a_pool_worker_registers_reports_what_it_loaded_and_stops_cleanly(tmp_pa
         [before] = workers()
         assert (before["pool"], before["state"], before["device"]) == ("small-cards", "alive", "cpu")
         (tmp_path / "p.txt").write_text("a pool test\n")
-        assert run_farm(["submit", "p.txt", "--dataset", "pool"], env, cwd=tmp_path).returncode == 0
+        submitted = run_farm(["submit", "p.txt", "--dataset", "pool", "--model", "tiny"], env, cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         wait_until(
             lambda: json.loads(run_farm(["status", "pool", "--json"], env, cwd=tmp_path).stdout)[0]["done"],
             timeout_s=120,

@@ -29,7 +29,7 @@ def _digest(ids: list[str]) -> str:
 def test_plain_text_file_ids(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox in the snow\na lighthouse at dusk\na red fox in the snow\n\nhéllo wörld\n")
-    plan = plan_submission(prompts, SubmitOptions(dataset="golden", images_per_prompt=3, seed=7))
+    plan = plan_submission(prompts, SubmitOptions(dataset="golden", model="tiny", images_per_prompt=3, seed=7))
     assert len(plan.ids) == 12
     assert plan.ids[:2] == ["bbb067d47bfc5b5973b004d5ccb8c866", "6b9c22cb47aae05549908b7c3c64b349"]
     assert _digest(plan.ids) == "3311da2331ca413c10ea2b2729f8316cf33a4131b62e3542747a63fb503a139a"
@@ -47,6 +47,7 @@ def test_jsonl_rows_grid_and_controlnet_ids(tmp_path: Path) -> None:
     prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
     options = SubmitOptions(
         dataset="golden.control",
+        model="tiny",
         controlnet="tiny-controlnet",
         quantize="int8",
         vary=("steps=2,4", "guidance_scale=0,1.5"),

@@ -64,7 +64,7 @@ def test_a_real_worker_serves_its_metrics(tmp_path: Path, tiny_model: Path) -> N
     env = farm_env(FARM_HOME=str(home))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na green sphere\na blue cone\n")
-    submitted = run_farm(["submit", str(prompts), "--dataset", "metrics"], env)
+    submitted = run_farm(["submit", str(prompts), "--dataset", "metrics", "--model", "tiny"], env)
     assert submitted.returncode == 0, submitted.stderr
 
     port = free_port()

@@ -76,11 +76,18 @@ def test_folder_without_model_index_is_an_error(tmp_path: Path) -> None:
     assert str(folder) in str(info.value)
 
 
-@pytest.mark.parametrize("ref", ["PixArt-alpha/PixArt-XL-2-512x512", "org/name", "a.b/c_d-e"])
+@pytest.mark.parametrize("ref", ["org/name", "a.b/c_d-e"])
 def test_hub_id_is_accepted(ref: str) -> None:
     choice = resolve_model(ref)
     assert choice.name == ref
     assert choice.native_size == 1024
+    assert choice.sampler.name == "own"  # checked against generic limits here, by the worker for real
+
+
+def test_a_released_hub_id_takes_its_profiles_size_and_sampler() -> None:
+    choice = resolve_model("PixArt-alpha/PixArt-XL-2-512x512")
+    assert (choice.native_size, choice.sampler.name, choice.sampler.default_steps) == (512, "dpm-solver++", 14)
+    assert resolve_model("PixArt-alpha/PixArt-LCM-XL-2-1024-MS").sampler.name == "lcm"
 
 
 @pytest.mark.parametrize(

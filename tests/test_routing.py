@@ -99,7 +99,7 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: 
             return len([w for w in map(json.loads, farm("workers", "--json").splitlines()) if w["state"] == "alive"])
 
         wait_until(lambda: live() == 2, timeout_s=120, what="both pools alive", worker=pools[0])
-        farm("submit", "p.txt", "--dataset", "eight-bit", "--quantize", "int8")
+        farm("submit", "p.txt", "--dataset", "eight-bit", "--model", "tiny", "--quantize", "int8")
         farm(
             "submit",
             "p.txt",

@@ -36,7 +36,7 @@ def test_defaults_live_under_farm_home(tmp_path: Path) -> None:
     assert s.storage_url.startswith("file://")
     assert s.embedded
     assert s.models_dir == home / "models"
-    assert s.default_model == "tiny"
+    assert s.default_model == "pixart-lcm-1024"  # the release; the demo and the tests name tiny
     assert (s.max_attempts, s.lease_s, s.batch_size) == (3, 600, 8)
 
 

@@ -100,9 +100,10 @@ def test_missing_prompt_is_rejected(tmp_path: Path, row: dict[str, Any]) -> None
         ("height", 4112, "between 64 and 4096"),
         ("width", "wide", "must be an integer"),
         ("width", 256.5, "must be an integer"),
-        ("num_inference_steps", 0, "between 1 and 50"),
-        ("num_inference_steps", 51, "between 1 and 50"),
-        ("steps", 51, "between 1 and 50"),
+        ("num_inference_steps", 0, "between 1 and 200"),
+        ("num_inference_steps", 51, "LCM takes 1 to 50 steps"),
+        ("steps", 51, "LCM takes 1 to 50 steps"),
+        ("num_inference_steps", 201, "between 1 and 200"),
         ("guidance_scale", -0.5, "between 0.0 and 30.0"),
         ("guidance_scale", 30.5, "between 0.0 and 30.0"),
         ("guidance_scale", "strong", "must be a number"),
@@ -189,11 +190,15 @@ def test_bad_options_are_rejected_before_rows(tmp_path: Path, option: str, value
 
 
 def test_defaults_come_from_the_model_and_options(tmp_path: Path) -> None:
-    plan = plan_submission(_txt(tmp_path, ["a"]), SubmitOptions(dataset="d"))
+    plan = plan_submission(_txt(tmp_path, ["a"]), SubmitOptions(dataset="d", model="tiny"))
     (spec,) = plan.specs
     assert (spec.width, spec.height) == (128, 128)  # the tiny profile's native size
     assert (spec.num_inference_steps, spec.guidance_scale, spec.model) == (4, 0.0, "tiny")
     assert spec.source_line == 1
+
+    # No model named: the PixArt-δ release, with its sampler's defaults (LCM: 4 steps, guidance 0).
+    (spec,) = plan_submission(_txt(tmp_path, ["a"]), SubmitOptions(dataset="d")).specs
+    assert (spec.model, spec.width, spec.num_inference_steps, spec.guidance_scale) == ("pixart-lcm-1024", 1024, 4, 0.0)
 
     plan = plan_submission(
         _txt(tmp_path, ["a"]),
@@ -391,7 +396,7 @@ def test_images_per_prompt_and_duplicates_in_the_count(tmp_path: Path) -> None:
     ]
 
 
-def test_negative_prompt_is_accepted_counted_and_not_stored(engine: Engine, tmp_path: Path) -> None:
+def test_negative_prompt_is_ignored_and_counted_without_cfg(engine: Engine, tmp_path: Path) -> None:
     rows = [
         {"prompt": "a", "negative_prompt": "blurry"},
         {"prompt": "b", "negative_prompt": ""},
@@ -404,8 +409,7 @@ def test_negative_prompt_is_accepted_counted_and_not_stored(engine: Engine, tmp_
     assert plan.ids == plain.ids  # not part of the job: the same image either way
     (count, note) = summary_lines(plan)
     assert count == "4 prompts = 4 jobs"
-    assert "negative_prompt is ignored: the LCM model has guidance distilled in (guidance_scale 0)" in note
-    assert "does not pass it" in note
+    assert "negative_prompt is ignored where guidance_scale is 1 or less" in note
     assert "(2 rows had one)" in note
     assert len(summary_lines(plain)) == 1
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("farm.worker")
 
-Done = Sequence[tuple[Claimed, StoredObject, int]]
+Done = Sequence[tuple[Claimed, StoredObject, int, str | None]]  # job, its object, render ms, recipe JSON
 Failed = Sequence[tuple[Claimed, BaseException]]
 
 
@@ -69,7 +69,10 @@ def record_batch(rt: WorkerRuntime, done: Done, failed: Failed, *, since: float 
     try:
         with rt.engine.begin() as conn:
             marked = transitions.mark_succeeded_many(
-                conn, [(job.id, job.claim_seq, stored, ms) for job, stored, ms in done], worker=rt.name
+                conn,
+                [(job.id, job.claim_seq, stored, ms) for job, stored, ms, _recipe in done],
+                worker=rt.name,
+                recipes={job.id: recipe for job, _stored, _ms, recipe in done if recipe is not None},
             )
             outcomes = [(job, exc, _fail(rt, conn, job, exc)) for job, exc in failed]
     except Exception as exc:
@@ -80,7 +83,7 @@ def record_batch(rt: WorkerRuntime, done: Done, failed: Failed, *, since: float 
             log.exception("could not record %d results; retrying with the next heartbeat", count)
         _keep(rt, done, failed, since)
         return False
-    for job, stored, render_ms in done:
+    for job, stored, render_ms, _recipe in done:
         if job.id in marked:
             rt.stats.succeeded += 1
             rt.event("recorded", job.id, job.claim_seq)
@@ -89,7 +92,7 @@ def record_batch(rt: WorkerRuntime, done: Done, failed: Failed, *, since: float 
             rt.stats.lost += 1
             rt.event("canceled", job.id, job.claim_seq)
             _delete(rt, stored)
-    rt.holdings.drop([job.id for job, _stored, _ms in done])
+    rt.holdings.drop([job.id for job, *_result in done])
     for job, error, state in outcomes:
         _after_failure(rt, job, error, state)
     rt.holdings.drop([job.id for job, _exc in failed])
@@ -107,10 +110,10 @@ def retry_unrecorded(rt: WorkerRuntime) -> None:
             len(done) + len(failed),
             rt.settings.lease_s,
         )
-        for job, stored, _ms in done:
+        for job, stored, *_result in done:
             rt.event("released", job.id, job.claim_seq)
             _delete(rt, stored)
-        rt.holdings.drop([job.id for job, _stored, _ms in done] + [job.id for job, _exc in failed])
+        rt.holdings.drop([job.id for job, *_result in done] + [job.id for job, _exc in failed])
 
 
 def _keep(rt: WorkerRuntime, done: Done, failed: Failed, since: float | None) -> None:

@@ -66,6 +66,9 @@ def render_jobs(rt: WorkerRuntime, job_ids: list[str]) -> Outcome:
     # 2. Render compatible jobs in batches of at most max_batch, one generator per image.
     batches = list(_batches(claimed, rt.max_batch))
     try:
+        # Every new prompt of the task encoded first, with one T5 load (low-memory mode: T5 alone on the device,
+        # freed before the transformer and VAE are placed: the paper's 8 GB order).
+        rt.caches.prepare(claimed)
         _render_batches(rt, batches, outcome)
     except BaseException:
         # Whatever was not handed to the upload pool or recorded must not stay held (renewed for ever): back to
@@ -136,7 +139,7 @@ def _release(rt: WorkerRuntime, jobs: list[Claimed]) -> None:
 
 def _uploaded(
     rt: WorkerRuntime,
-    done: list[tuple[Claimed, StoredObject, int]],
+    done: list[tuple[Claimed, StoredObject, int, str | None]],
     failed: list[tuple[Claimed, BaseException]],
 ) -> None:
     METRICS.count_errors("upload", len(failed))
@@ -161,6 +164,7 @@ def _render(
     jobs canceled, or the shutdown grace period over): those are neither failed nor rendered.
     """
     from models.pipeline import RenderInterrupted, RenderRequest, render_batch
+    from models.recipe import recipe_json, render_recipe
 
     def interrupt() -> str | None:
         if all(rt.holdings.is_lost(job.id) for job in batch):
@@ -178,6 +182,8 @@ def _render(
             height=j.height,
             num_inference_steps=j.num_inference_steps,
             guidance_scale=j.guidance_scale,
+            negative_prompt=j.negative_prompt,
+            timesteps=j.timesteps,
         )
         for j in batch
     ]
@@ -194,7 +200,17 @@ def _render(
                 "conditioning_scale": scale,
             }
         if pipe.text_encoder is None:  # 8-bit T5 or low-memory mode: embeddings go into the cache first
-            caches.encode_missing_prompts(first, [r.prompt for r in requests])
+            texts = [r.prompt for r in requests] + [r.negative_prompt or "" for r in requests if r.cfg]
+            caches.encode_missing_prompts(first, texts)
+        recipe = recipe_json(
+            render_recipe(
+                pipe,
+                requests[0],
+                quantize=first.quantize,
+                controlnet=first.controlnet,
+                control_preprocess=first.control_preprocess,
+            )
+        )
         started = time.perf_counter()
         for job in batch:
             rt.event("render_start", job.id, job.claim_seq)
@@ -235,7 +251,7 @@ def _render(
         rt.event("render_end", job.id, job.claim_seq)
     return (
         [
-            Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms)
+            Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms, recipe)
             for j, image in zip(batch, images, strict=True)
         ],
         [],

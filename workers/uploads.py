@@ -17,7 +17,7 @@ from workers.png import encode_png
 
 log = logging.getLogger("farm.worker")
 
-BatchDone = Callable[[list[tuple[Claimed, StoredObject, int]], list[tuple[Claimed, BaseException]]], None]
+BatchDone = Callable[[list[tuple[Claimed, StoredObject, int, str | None]], list[tuple[Claimed, BaseException]]], None]
 
 
 class JobLost(Exception):
@@ -32,17 +32,20 @@ class Rendered:
     dataset: str
     image: Any
     render_ms: int
+    recipe: str | None = None  # how it was sampled (models/recipe.py), for the row and the PNG
 
 
 @dataclass
 class _Batch:
     size: int
     on_done: BatchDone
-    done: list[tuple[Claimed, StoredObject, int]] = field(default_factory=list)
+    done: list[tuple[Claimed, StoredObject, int, str | None]] = field(default_factory=list)
     failed: list[tuple[Claimed, BaseException]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, ok: tuple[Claimed, StoredObject, int] | None, bad: tuple[Claimed, BaseException] | None) -> bool:
+    def add(
+        self, ok: tuple[Claimed, StoredObject, int, str | None] | None, bad: tuple[Claimed, BaseException] | None
+    ) -> bool:
         with self.lock:
             if ok:
                 self.done.append(ok)
@@ -103,18 +106,18 @@ class Uploader:
             self._pool.submit(self._store, item, tracker)
 
     def _store(self, item: Rendered, batch: _Batch) -> None:
-        ok: tuple[Claimed, StoredObject, int] | None = None
+        ok: tuple[Claimed, StoredObject, int, str | None] | None = None
         bad: tuple[Claimed, BaseException] | None = None
         job = item.job
         try:
             if self.is_lost(job.id):
                 raise JobLost(f"job {job.id} attempt {job.claim_seq} is no longer this worker's; not uploaded")
-            data = encode_png(item.image, job)
+            data = encode_png(item.image, job, item.recipe)
             key = object_key(self.storage.prefix, item.dataset, job.id, job.claim_seq)
             self.event("upload_start", job.id, job.claim_seq)
             stored = self.storage.put(key, data, metadata={"job_id": job.id, "seed": str(job.seed)})
             self.event("upload_end", job.id, job.claim_seq)
-            ok = (job, stored, item.render_ms)
+            ok = (job, stored, item.render_ms, item.recipe)
             with self._lock:
                 self.stored_bytes += stored.bytes
         except Exception as exc:

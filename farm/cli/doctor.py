@@ -226,7 +226,10 @@ def _availability(name: str, hub_id: str | None, settings: Settings) -> str:
         return f"not made ({local} is missing)"
     if _hub_cached(hub_id):
         return "in the Hugging Face cache"
-    return f"needs a download of {hub_id}"
+    from farm.profiles import PROFILES
+
+    size = PROFILES[name].download_gb if name in PROFILES else None
+    return f"needs a download of {hub_id}" + (f" (≈ {size:g} GB)" if size else "")
 
 
 def _hub_cached(repo_id: str) -> bool:

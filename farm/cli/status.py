@@ -82,6 +82,8 @@ def _print_statuses(statuses: list[Any], as_json: bool) -> None:
         click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
         for reason, n in s.unroutable.items():
             click.echo(f"  unroutable {n}: {reason}")
+        for warning in s.warnings:
+            click.echo(f"  warning: {warning}")
 
 
 def _warn_if_nobody_reaps(engine: Any, lease_s: float, *, unfinished: bool) -> None:

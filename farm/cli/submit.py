@@ -12,23 +12,31 @@ from farm.cli.common import dispatch_now, settings_of
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--dataset", required=True, help="Dataset name (letters, digits, '.', '_', '-').")
-@click.option("--model", default=None, help="Profile name (tiny, pixart-lcm-1024), local folder or hub id.")
+@click.option(
+    "--model",
+    default=None,
+    help="Profile (pixart-lcm-1024, pixart-xl-1024, tiny; `farm models list`), local folder or hub id "
+    "(default: the dataset's model, else FARM_DEFAULT_MODEL: pixart-lcm-1024).",
+)
 @click.option("--width", type=int, default=None, help="Image width in pixels (default: the model's size).")
 @click.option("--height", type=int, default=None, help="Image height in pixels (default: the model's size).")
 @click.option(
     "--steps",
     "num_inference_steps",
     type=int,
-    default=4,
-    show_default=True,
-    help="LCM denoising steps (num_inference_steps).",
+    default=None,
+    help="Denoising steps (default: the model's sampler: LCM 4, DPM-Solver++ 14).",
 )
 @click.option(
     "--guidance-scale",
     type=float,
-    default=0.0,
-    show_default=True,
-    help="Classifier-free guidance; 0 for the LCM model, which has guidance distilled in.",
+    default=None,
+    help="Classifier-free guidance (default: the model's: 0 for LCM, which has it distilled in; 4.5 for PixArt-α).",
+)
+@click.option(
+    "--negative-prompt",
+    default=None,
+    help="Negative prompt for rows without their own; used where guidance_scale > 1 (classifier-free guidance).",
 )
 @click.option("--images-per-prompt", type=int, default=1, show_default=True, help="Images (seeds) per prompt.")
 @click.option(
@@ -59,10 +67,24 @@ from farm.cli.common import dispatch_now, settings_of
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["none", "int8"]),
+    type=click.Choice(["none", "int8", "int8-transformer"]),
     default="none",
     show_default=True,
-    help="int8: 8-bit T5 (and transformer on CUDA) through bitsandbytes, for low GPU memory.",
+    help="int8: the T5 text encoder in 8-bit (the paper's 8 GB recipe); int8-transformer: the transformer too "
+    "(CUDA workers only).",
+)
+@click.option(
+    "--condition",
+    type=click.Choice(["hed", "none"]),
+    default=None,
+    help="hed: workers turn each control image into HED soft edges (weights: FARM_HED_WEIGHTS); none: control "
+    "images are edge maps already (default: the controlnet profile's, hed for pixart-hed-controlnet).",
+)
+@click.option(
+    "--timesteps",
+    type=click.Choice(["original"]),
+    default=None,
+    help="original: the PixArt repository's 4 LCM timesteps (999, 759, 519, 279) instead of diffusers' spacing.",
 )
 @click.option(
     "--vary",
@@ -96,14 +118,17 @@ def submit(
     model: str | None,
     width: int | None,
     height: int | None,
-    num_inference_steps: int,
-    guidance_scale: float,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
+    negative_prompt: str | None,
     images_per_prompt: int,
     seed: int,
     control_image: Path | None,
     controlnet: str | None,
     conditioning_scale: float,
     quantize: str,
+    condition: str | None,
+    timesteps: str | None,
     vary: tuple[str, ...],
     control_dirs: tuple[Path, ...],
     dry_run: bool,
@@ -111,23 +136,33 @@ def submit(
     priority: int | None,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
+    from farm.profiles import CONTROLNET_PROFILES
     from farm.submit.plan import SubmitOptions
-    from farm.submit.run import submit_file
+    from farm.submit.run import choose_model, submit_file
 
     settings = settings_of(ctx)
+    chosen = model
+    adapter = CONTROLNET_PROFILES.get(controlnet or "")
+    if model is None and (adapter is None or adapter.base_model is None):
+        # The dataset's own model, else FARM_DEFAULT_MODEL; a dry run reads no database, so it shows the default.
+        chosen = settings.default_model if dry_run else choose_model(settings, dataset, None)
     options = SubmitOptions(
         dataset=dataset,
-        model=model or settings.default_model,
+        model=chosen,
         width=width,
         height=height,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
         images_per_prompt=images_per_prompt,
         seed=seed,
         control_image=control_image,
         controlnet=controlnet,
         conditioning_scale=conditioning_scale,
         quantize=None if quantize == "none" else quantize,
+        condition=condition,
+        hed_weights=settings.hed_weights_path,
+        timesteps=timesteps,
         vary=vary,
         control_dirs=control_dirs,
         control_image_max_bytes=settings.control_image_max_bytes,

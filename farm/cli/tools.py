@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from farm.cli.common import settings_of
+from farm.errors import UserError
 from farm.secrets import redact
 
 
@@ -30,38 +31,57 @@ def db_upgrade(ctx: click.Context) -> None:
 
 @click.group()
 def models() -> None:
-    """Model profiles and the offline tiny model."""
+    """Model profiles, the offline tiny models and random HED weights."""
 
 
 @models.command("list")
 @click.pass_context
 def models_list(ctx: click.Context) -> None:
     """The built-in profiles and where each loads from."""
-    from farm.profiles import CONTROLNET_PROFILES, PROFILES
+    from farm.profiles import CONTROLNET_PROFILES, PROFILES, resolve_model
 
     settings = settings_of(ctx)
-    click.echo("models (--model):")
+    click.echo(f"models (--model; default {settings.default_model}):")
     for profile in PROFILES.values():
+        sampler = resolve_model(profile.name, settings).sampler
+        limits = f"{sampler.note}; 1-{sampler.max_steps} steps"
+        if profile.sampler is None:
+            limits += " (the folder's own scheduler)"
         click.echo(
-            f"  {profile.name:<22} {profile.native_size}px  {profile.source(settings)}\n"
-            f"  {'':<22} {profile.description}"
+            f"  {profile.name:<26} {profile.native_size}px  {profile.source(settings)}\n"
+            f"  {'':<26} {profile.description}\n"
+            f"  {'':<26} sampler: {limits}"
         )
     click.echo("controlnets (--controlnet):")
     for adapter in CONTROLNET_PROFILES.values():
-        click.echo(f"  {adapter.name:<22} {adapter.source(settings)}\n  {'':<22} {adapter.description}")
+        recipe = ""
+        if adapter.base_model is not None:
+            recipe = f"\n  {'':<26} runs on {adapter.base_model}"
+            if adapter.steps is not None:
+                recipe += f", {adapter.steps} steps, guidance {adapter.guidance:g}"
+            if adapter.preprocess:
+                recipe += f", condition {adapter.preprocess}"
+        click.echo(f"  {adapter.name:<26} {adapter.source(settings)}\n  {'':<26} {adapter.description}{recipe}")
 
 
 @models.command("make-tiny")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random weights.")
+@click.option(
+    "--sampler",
+    type=click.Choice(["lcm", "dpm"]),
+    default="lcm",
+    show_default=True,
+    help="The scheduler the folder ships: lcm as PixArt-LCM (δ), dpm as PixArt-XL-2 (α: DPM-Solver++).",
+)
 @click.pass_context
-def models_make_tiny(ctx: click.Context, directory: Path | None, seed: int) -> None:
+def models_make_tiny(ctx: click.Context, directory: Path | None, seed: int, sampler: str) -> None:
     """Write a tiny random-weight PixArt-α pipeline (default: FARM_HOME/models/tiny), fully offline."""
     from models.tiny import make_tiny
 
     target = directory or settings_of(ctx).models_dir / "tiny"
-    path = make_tiny(target, seed=seed)
-    click.echo(f"tiny PixArt pipeline written to {path}")
+    path = make_tiny(target, seed=seed, sampler="dpm-solver++" if sampler == "dpm" else "lcm")
+    click.echo(f"tiny PixArt pipeline ({sampler}) written to {path}")
 
 
 @models.command("make-tiny-controlnet")
@@ -94,6 +114,26 @@ def models_make_tiny_controlnet(ctx: click.Context, directory: Path | None, mode
     click.echo(f"tiny ControlNet adapter written to {path}")
 
 
+@models.command("make-random-hed")
+@click.argument("out", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random weights.")
+@click.pass_context
+def models_make_random_hed(ctx: click.Context, out: Path | None, seed: int) -> None:
+    """Write random HED weights in ControlNetHED.pth's layout to OUT (default: the HED weights path).
+
+    For demos and tests only, offline: random weights give meaningless edges. For real soft edges get
+    ControlNetHED.pth from the hub repo lllyasviel/Annotators instead.
+    """
+    from models.hed import save_random_hed, weights_sha256
+
+    target = out or settings_of(ctx).hed_weights_path
+    try:
+        path = save_random_hed(target, seed=seed)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {target}: {exc.strerror or exc}") from None
+    click.echo(f"random HED weights written to {path} (sha256 {weights_sha256(path)})")
+
+
 # ---- condition ----------------------------------------------------------------------------------------
 
 
@@ -118,6 +158,40 @@ def condition_canny(in_path: Path, out_path: Path, low: int, high: int) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
     click.echo(f"edges written to {written}")
+
+
+@condition.command("hed")
+@click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_path", metavar="OUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="ControlNetHED.pth (default: FARM_HED_WEIGHTS, or FARM_HOME/models/hed/ControlNetHED.pth).",
+)
+@click.pass_context
+def condition_hed(ctx: click.Context, in_path: Path, out_path: Path, weights: Path | None) -> None:
+    """Write the soft HED edges of IN to OUT as a 3-channel PNG condition image, at IN's size."""
+    weights_path = weights or settings_of(ctx).hed_weights_path
+    if not weights_path.is_file():
+        raise UserError(
+            f"HED weights {weights_path} not found: download ControlNetHED.pth (~29 MB) from the hub repo "
+            "lllyasviel/Annotators to that path (or pass --weights, or set FARM_HED_WEIGHTS)"
+        )
+    from models.conditions import hed
+    from models.hed import HEDLoadError, load_hed
+
+    try:
+        net = load_hed(weights_path)
+    except HEDLoadError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        written = hed(in_path, out_path, net)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out_path}: {exc.strerror or exc}") from None
+    click.echo(f"soft edges written to {written}")
 
 
 @click.group(invoke_without_command=True)

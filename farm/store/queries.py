@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import UnknownDataset
-from farm.store.schema import FINISHED, UNFINISHED, Dataset, Job, JobStatus, utcnow
+from farm.store.schema import FINISHED, UNFINISHED, Dataset, DatasetRecipe, Job, JobStatus, utcnow
 
 # Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
 RATE_WINDOW_S = 120
@@ -24,6 +24,17 @@ class DatasetStatus:
     images_per_s: float
     eta_s: float | None
     unroutable: dict[str, int] = field(default_factory=dict)  # reason → pending jobs no live pool serves
+    recipes: int = 0  # distinct render recipes its images were made with (dataset_recipes)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about the dataset as a whole."""
+        if self.recipes > 1:
+            return [
+                f"its images were made with {self.recipes} render recipes (sampler, schedule or precision differ "
+                "between workers or submits); `farm export` has each image's recipe"
+            ]
+        return []
 
     @property
     def total(self) -> int:
@@ -48,6 +59,8 @@ class DatasetStatus:
             "done": self.done,
             "unroutable": sum(self.unroutable.values()),
             "unroutable_reasons": self.unroutable,
+            "recipes": self.recipes,
+            "warnings": self.warnings,
         }
 
 
@@ -89,6 +102,18 @@ def find_dataset_id(engine: Engine, name: str) -> int | None:
     return None if found is None else int(found)
 
 
+def dataset_model(engine: Engine, name: str) -> str | None:
+    """The model a dataset's jobs use (its most recently recorded job's), or None for a new dataset."""
+    with engine.connect() as conn:
+        return conn.execute(
+            select(Job.model)
+            .join(Dataset, Dataset.id == Job.dataset_id)
+            .where(Dataset.name == name)
+            .order_by(Job.created_at.desc())
+            .limit(1)
+        ).scalar()
+
+
 def job_state(engine: Engine, job_id: str) -> str | None:
     """A job's state by its id, or None when no job has that id."""
     with engine.connect() as conn:
@@ -115,6 +140,9 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
             .where(Job.dataset_id == ds_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None))
             .group_by(Job.routing_note)
         ).all()
+        recipes = conn.execute(
+            select(func.count()).select_from(DatasetRecipe).where(DatasetRecipe.dataset_id == ds_id)
+        ).scalar_one()
     counts = {s.value: 0 for s in JobStatus}
     counts.update({status: int(n) for status, n in grouped})
     remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
@@ -126,7 +154,7 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
         span = max((end - _aware(first, now)).total_seconds(), 1.0)
         rate = recent / span
     eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
-    return DatasetStatus(name, counts, rate, eta, {str(reason): int(n) for reason, n in stranded})
+    return DatasetStatus(name, counts, rate, eta, {str(reason): int(n) for reason, n in stranded}, int(recipes))
 
 
 def _aware(value: object, now: datetime) -> datetime:

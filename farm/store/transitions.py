@@ -3,7 +3,8 @@ or a late worker can never move a job backwards or render it twice."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -12,7 +13,7 @@ from sqlalchemy.engine import Connection
 
 from farm.job import CLAIMED_FIELDS, Claimed
 from farm.storage import StoredObject
-from farm.store.schema import UNFINISHED, Dataset, Job, JobStatus, utcnow
+from farm.store.schema import UNFINISHED, Dataset, DatasetRecipe, Job, JobStatus, utcnow
 
 # SQLite allows 32766 bound parameters; stay far below for IN lists.
 _CHUNK = 5000
@@ -111,9 +112,18 @@ def _holds(worker: str, job_id: str, seq: int) -> ColumnElement[bool]:
 
 
 def mark_succeeded(
-    conn: Connection, job_id: str, *, worker: str, seq: int, stored: StoredObject, render_ms: int
+    conn: Connection,
+    job_id: str,
+    *,
+    worker: str,
+    seq: int,
+    stored: StoredObject,
+    render_ms: int,
+    recipe: str | None = None,
+    noted: set[tuple[int, str]] | None = None,
 ) -> bool:
-    """running → succeeded, only for the attempt that holds the job (worker and claim_seq), with a confirmed object."""
+    """running → succeeded, only for the attempt that holds the job (worker and claim_seq), with a confirmed object
+    and the recipe it was rendered with (JSON, models/recipe.py)."""
     result = conn.execute(
         update(Job)
         .where(_holds(worker, job_id, seq))
@@ -125,21 +135,57 @@ def mark_succeeded(
             sha256=stored.sha256,
             bytes=stored.bytes,
             render_ms=render_ms,
+            recipe=recipe,
             error=None,
         )
+        .returning(Job.dataset_id)
     )
-    return result.rowcount == 1
+    dataset = result.scalar()
+    if dataset is not None and recipe is not None and (noted is None or (dataset, recipe) not in noted):
+        note_recipe(conn, dataset, recipe)
+        if noted is not None:
+            noted.add((dataset, recipe))
+    return dataset is not None
+
+
+def note_recipe(conn: Connection, dataset_id: int, recipe: str) -> None:
+    """Add a recipe to the dataset's distinct recipes (dataset_recipes) if it is not there yet."""
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    values = {"dataset_id": dataset_id, "digest": digest, "recipe": recipe, "first_seen": utcnow()}
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        conn.execute(pg_insert(DatasetRecipe).values(**values).on_conflict_do_nothing())
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        conn.execute(sqlite_insert(DatasetRecipe).values(**values).on_conflict_do_nothing())
 
 
 def mark_succeeded_many(
-    conn: Connection, done: Sequence[tuple[str, int, StoredObject, int]], *, worker: str
+    conn: Connection,
+    done: Sequence[tuple[str, int, StoredObject, int]],
+    *,
+    worker: str,
+    recipes: Mapping[str, str] | None = None,
 ) -> set[str]:
     """mark_succeeded for a batch of (job id, seq, object, render ms), in the caller's one transaction; returns the
-    ids that were marked."""
+    ids that were marked. `recipes`: each job's render recipe."""
+    recipes = recipes or {}
+    noted: set[tuple[int, str]] = set()  # a batch shares its recipe: one insert per batch, not per image
     return {
         job_id
         for job_id, seq, stored, render_ms in done
-        if mark_succeeded(conn, job_id, worker=worker, seq=seq, stored=stored, render_ms=render_ms)
+        if mark_succeeded(
+            conn,
+            job_id,
+            worker=worker,
+            seq=seq,
+            stored=stored,
+            render_ms=render_ms,
+            recipe=recipes.get(job_id),
+            noted=noted,
+        )
     }
 
 

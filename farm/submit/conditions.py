@@ -44,6 +44,8 @@ class ConditionImage:
     line: int | None
     value: str  # as written in the file or option
     load: Callable[[], bytes] = field(repr=False, compare=False, default=lambda: b"")  # reads it again, as safely
+    width: int = 0  # pixels, as decoded
+    height: int = 0
 
     def error(self, message: str) -> InvalidSubmission:
         """An InvalidSubmission naming where this image was given."""
@@ -137,8 +139,8 @@ class TooLarge(Unreadable):
     """Over the size cap: said as it is, whoever named the file (the cap is the user's own setting)."""
 
 
-def inspect_condition(data: bytes) -> tuple[str, str]:
-    """(sha256, Pillow format) of image bytes that open and fully decode; Unreadable saying why not."""
+def inspect_condition(data: bytes) -> tuple[str, str, tuple[int, int]]:
+    """(sha256, Pillow format, (width, height)) of image bytes that open and fully decode; Unreadable if not."""
     if not data:
         raise Unreadable("control image is an empty file")
     try:
@@ -146,13 +148,14 @@ def inspect_condition(data: bytes) -> tuple[str, str]:
             # load() decodes every pixel: a truncated file fails here, at submit, not inside a worker.
             image.load()
             image_format = image.format or ""
+            size = image.size
     except UnidentifiedImageError:
         raise Unreadable("control image is not an image Pillow can read") from None
     except _DECODE_ERRORS as exc:
         raise Unreadable(f"control image cannot be decoded ({type(exc).__name__}: {exc})") from None
     if not _FORMAT_NAME.fullmatch(image_format):
         raise Unreadable(f"control image has an unusable format name {image_format!r}")
-    return hashlib.sha256(data).hexdigest(), image_format
+    return hashlib.sha256(data).hexdigest(), image_format, size
 
 
 class ConditionImages:
@@ -200,7 +203,7 @@ class ConditionImages:
         confined: bool,
     ) -> ConditionImage:
         try:
-            sha256, image_format = inspect_condition(load())
+            sha256, image_format, (width, height) = inspect_condition(load())
         except TooLarge as exc:
             raise InvalidSubmission(f"{exc}, got {value!r}", path=origin, line=line, field=FIELD, value=value) from None
         except Unreadable as exc:
@@ -208,7 +211,7 @@ class ConditionImages:
             raise InvalidSubmission(
                 f"{reason}, got {value!r}", path=origin, line=line, field=FIELD, value=value
             ) from None
-        image = ConditionImage(Path(value), sha256, image_format, origin, line, value, load)
+        image = ConditionImage(Path(value), sha256, image_format, origin, line, value, load, width, height)
         self._by_key[key] = image
         self._by_sha.setdefault(sha256, image)  # two paths, same bytes: one object to store
         return image

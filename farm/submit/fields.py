@@ -14,7 +14,7 @@ MAX_PROMPT_CHARS = 10_000
 # Limits (inclusive). Sizes must be multiples of 16: the VAE downsamples by 8 and the transformer's patches are 2.
 SIZE_RANGE = (64, 4096)
 SIZE_MULTIPLE = 16
-STEPS_RANGE = (1, 50)  # LCM cannot take more steps than its 50 original ones
+STEPS_RANGE = (1, 200)  # the outer bound; each sampler has its own (farm/profiles.py: LCM takes at most 50)
 GUIDANCE_RANGE = (0.0, 30.0)
 IMAGES_PER_PROMPT_RANGE = (1, 10_000)
 CONDITIONING_SCALE_RANGE = (0.0, 2.0)
@@ -47,6 +47,14 @@ def check_field(row: Row, field: str, value: Any, option: bool = False) -> Any:
 
 def check_value(field: str, value: Any) -> Any:
     """The converted value, or FieldProblem saying why it cannot be used."""
+    if field == "negative_prompt":
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise FieldProblem("negative_prompt must be text", value)
+        if len(value) > MAX_PROMPT_CHARS:
+            raise FieldProblem(f"negative_prompt longer than {MAX_PROMPT_CHARS} characters", f"{value[:40]}…")
+        return value.strip() or None
     if field == "prompt":
         if not isinstance(value, str) or not value.strip():
             raise FieldProblem("missing or empty prompt", value)

@@ -30,13 +30,12 @@ ROW_FIELDS = (
     "images_per_prompt",
     "control_image",  # a condition image; a relative path resolves against the prompt file's folder
     "conditioning_scale",
-    "negative_prompt",  # accepted and counted, never used: see NEGATIVE_PROMPT_NOTE
+    "negative_prompt",  # an input of jobs sampled with CFG (guidance_scale > 1); else counted: NEGATIVE_PROMPT_NOTE
 )
 ALIASES = {"steps": "num_inference_steps"}
 NEGATIVE_PROMPT_NOTE = (
-    "negative_prompt is ignored: the LCM model has guidance distilled in (guidance_scale 0), so it has no "
-    "unconditional branch for a negative prompt to replace; with guidance_scale > 1 diffusers would use one, "
-    "but the farm does not pass it to the pipeline"
+    "negative_prompt is ignored where guidance_scale is 1 or less: without classifier-free guidance there is no "
+    "unconditional branch for it to replace (the LCM model has guidance distilled in and runs at 0)"
 )
 
 

@@ -15,15 +15,18 @@ from typing import Any
 
 from farm.errors import InvalidSubmission
 from farm.job import JobSpec
-from farm.profiles import resolve_controlnet, resolve_model
+from farm.profiles import CONTROLNET_PROFILES, PROFILES, ModelChoice, resolve_controlnet, resolve_model
 from farm.storage import Storage
 from farm.submit.conditions import MAX_CONDITION_BYTES, ConditionImage, ConditionImages, store_condition
-from farm.submit.fields import MAX_SEED, OPTIONS, check_field, field_error
+from farm.submit.fields import MAX_SEED, OPTIONS, SIZE_MULTIPLE, SIZE_RANGE, check_field, field_error
 from farm.submit.grid import Axis, parse_grid, variations
 from farm.submit.inputs import MAX_LINE_BYTES, Row, read_rows
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int8-transformer")
+CONDITION_CHOICES = ("none", "hed")
+TIMESTEPS_CHOICES = ("original",)
+DEFAULT_MODEL = "pixart-lcm-1024"  # the release; `farm submit` passes the dataset's model or FARM_DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -31,17 +34,23 @@ class SubmitOptions:
     """Defaults for every row; a row's own fields override them."""
 
     dataset: str
-    model: str = "tiny"
+    model: str | None = None  # None: the controlnet profile's base model, else DEFAULT_MODEL
     width: int | None = None
     height: int | None = None
-    num_inference_steps: int = 4
-    guidance_scale: float = 0.0
+    num_inference_steps: int | None = None  # None: the sampler's (or the controlnet recipe's) default
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None  # for rows without their own; used where guidance_scale > 1
     images_per_prompt: int = 1
     seed: int = 0
     control_image: Path | None = None  # the condition of rows without their own control_image
     controlnet: str | None = None  # profile, diffusers folder, .pth/.safetensors file or hub id
     conditioning_scale: float = 1.0  # for rows without their own; ignored without a controlnet
-    quantize: str | None = None  # "int8", or None / "none" for full precision
+    quantize: str | None = None  # "int8" (8-bit T5), "int8-transformer", or None / "none" for full precision
+    # "hed": the worker derives the condition with the HED network (weights at hed_weights, hashed into the id);
+    # "none": the control images are used as they are; None: the controlnet profile's own preprocessing.
+    condition: str | None = None
+    hed_weights: Path | None = None
+    timesteps: str | None = None  # "original": the original repository's 4 LCM timesteps
     vary: tuple[str, ...] = ()  # grid axes, as `--vary` gives them: "seed=0..7", "size=1024x1024,768x1344"
     # Folders besides the prompt file's own that its control_image paths may name (`--control-dir`).
     control_dirs: tuple[Path, ...] = ()
@@ -61,7 +70,8 @@ class Plan:
     rows: int = 0  # prompt rows read
     variations: int = 1  # grid variations of each row (1 without --vary)
     images_per_prompt: int = 1  # the option's value; a row may set its own
-    negative_prompts: int = 0  # rows with a negative_prompt, which is not used (NEGATIVE_PROMPT_NOTE)
+    negative_prompts: int = 0  # rows with a negative_prompt that is not used (NEGATIVE_PROMPT_NOTE)
+    notes: tuple[str, ...] = ()  # warnings to show before recording (nothing is refused for them)
 
     @property
     def planned(self) -> int:
@@ -105,22 +115,88 @@ class _Setup:
     defaults: dict[str, Any]
     control: _Control
     grid: _Grid
+    choice: ModelChoice
+    pinned_steps: int | None  # the controlnet recipe's one step count
+    size_from_condition: bool  # rows without a size take their condition's (the original ControlNet demo's rule)
 
 
 def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
     validate_dataset_name(options.dataset)
-    model = resolve_model(options.model)
+    adapter = CONTROLNET_PROFILES.get(options.controlnet or "")
+    model = _model_choice(options, adapter)
+    steps = options.num_inference_steps
+    guidance = options.guidance_scale
+    if steps is None:
+        steps = adapter.steps if adapter is not None and adapter.steps else model.sampler.default_steps
+    if guidance is None:
+        guidance = adapter.guidance if adapter is not None and adapter.guidance is not None else None
+        guidance = model.sampler.default_guidance if guidance is None else guidance
     defaults = {
         # `is None`, not `or`: an explicit 0 is a mistake to report, not a request for the default.
         "width": model.native_size if options.width is None else options.width,
         "height": model.native_size if options.height is None else options.height,
-        "num_inference_steps": options.num_inference_steps,
-        "guidance_scale": options.guidance_scale,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
         "images_per_prompt": options.images_per_prompt,
     }
     _check_defaults(defaults, options.seed)
-    control = _control_context(base_dir, options)
-    return _Setup(options, model.name, defaults, control, _grid(options, control))
+    negative = check_field(OPTIONS, "negative_prompt", options.negative_prompt, option=True)
+    if negative is not None:
+        defaults["negative_prompt"] = negative
+    control = _control_context(base_dir, options, adapter)
+    grid = _grid(options, control)
+    pinned = adapter.steps if adapter is not None else None
+    if options.timesteps is not None:
+        if options.timesteps not in TIMESTEPS_CHOICES:
+            choices = ", ".join(TIMESTEPS_CHOICES)
+            raise field_error(OPTIONS, "timesteps", options.timesteps, f"timesteps must be one of {choices}", True)
+        if model.sampler.name != "lcm":
+            raise field_error(
+                OPTIONS,
+                "timesteps",
+                options.timesteps,
+                f"the original repository's timesteps are LCM timesteps; {model.name} samples with "
+                f"{model.sampler.label}",
+                True,
+            )
+    for variation in grid.variations:  # the options' own steps (and the grid's), before any row is read
+        _check_steps(OPTIONS, model, pinned, options, variation.get("num_inference_steps", steps))
+    size_given = options.width is not None or options.height is not None
+    from_condition = (
+        control.controlnet is not None
+        and not size_given
+        and (options.condition is not None or (adapter is not None and adapter.preprocess is not None))
+    )
+    return _Setup(
+        options,
+        model.name,
+        defaults,
+        control,
+        grid,
+        model,
+        pinned,
+        from_condition,
+    )
+
+
+def _model_choice(options: SubmitOptions, adapter: Any) -> ModelChoice:
+    """The model: as given, or the controlnet recipe's base model, or the release; refuses a recipe's wrong base."""
+    base = adapter.base_model if adapter is not None else None
+    if options.model is None:
+        return resolve_model(base or DEFAULT_MODEL)
+    model = resolve_model(options.model)
+    # A release recipe (pinned steps) runs on its own base only; the random-weight adapter fits any tiny folder.
+    released = PROFILES.get(base or "") if adapter is not None and adapter.steps is not None else None
+    if released is not None and model.name not in (released.name, released.hub_id):
+        others = [p.name for p in CONTROLNET_PROFILES.values() if p.base_model == model.name]
+        hint = f"; for {model.name} use {' or '.join(others)}" if others else ""
+        raise InvalidSubmission(
+            f"controlnet {adapter.name} runs on {base} (the model it was trained with){hint}, got model "
+            f"{options.model!r}",
+            field="model",
+            value=options.model,
+        )
+    return model
 
 
 def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
@@ -130,9 +206,14 @@ def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
     seen: set[str] = set()
     occurrences: Counter[str] = Counter()
     duplicates = negative_prompts = 0
+    notes: dict[str, None] = {}
     for row in rows:
-        negative_prompts += _has_negative_prompt(row)
-        for spec in _expand(row, setup.defaults, options.seed, setup.model, occurrences, control, grid):
+        row_specs = _expand(row, setup, occurrences)
+        negative_prompts += _has_negative_prompt(row) and any(spec.negative_prompt is None for spec in row_specs)
+        for spec in row_specs:
+            note = setup.choice.sampler.guidance_note(spec.guidance_scale)
+            if note is not None:
+                notes[note] = None
             job_id = spec.id_in(options.dataset)
             if job_id in seen:
                 duplicates += 1
@@ -150,6 +231,7 @@ def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
         variations=len(grid.variations),
         images_per_prompt=options.images_per_prompt,
         negative_prompts=negative_prompts,
+        notes=tuple(notes),
     )
 
 
@@ -230,9 +312,46 @@ class _Control:
     quantize: str | None
     base_dir: Path | None  # relative control_image paths in the prompt file resolve against its folder
     images: ConditionImages
+    preprocess: str | None = None  # "hed:<weights sha256>" when the worker derives the condition
 
 
-def _control_context(base_dir: Path | None, options: SubmitOptions) -> _Control:
+def _preprocess(options: SubmitOptions, adapter: Any, controlnet: str | None) -> str | None:
+    """The job's control_preprocess: "hed:<sha256 of the HED weights>", or None (the image is the condition)."""
+    condition = options.condition
+    if condition is not None and condition not in CONDITION_CHOICES:
+        raise field_error(
+            OPTIONS, "condition", condition, f"condition must be one of {', '.join(CONDITION_CHOICES)}", True
+        )
+    if condition is None:
+        condition = adapter.preprocess if adapter is not None and adapter.preprocess else "none"
+    if condition == "none":
+        return None
+    if controlnet is None:
+        raise field_error(OPTIONS, "condition", condition, "--condition needs --controlnet", True)
+    weights = options.hed_weights
+    if weights is None or not weights.is_file():
+        raise field_error(
+            OPTIONS,
+            "condition",
+            condition,
+            f"HED soft edges need the HED weights on this machine (their sha256 joins each job's id): put "
+            f"ControlNetHED.pth (lllyasviel/Annotators, ≈ 29 MB) at {weights} or set FARM_HED_WEIGHTS; "
+            "or give edge maps you made with `--condition none`",
+            True,
+        )
+    return f"hed:{file_sha256(weights)}"
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _control_context(base_dir: Path | None, options: SubmitOptions, adapter: Any = None) -> _Control:
     """Resolve the ControlNet options once; a default condition image is decoded here, before any row."""
     fake = OPTIONS
     controlnet = resolve_controlnet(options.controlnet) if options.controlnet is not None else None
@@ -256,11 +375,12 @@ def _control_context(base_dir: Path | None, options: SubmitOptions) -> _Control:
         quantize=None if quantize == "none" else quantize,
         base_dir=base_dir,
         images=images,
+        preprocess=_preprocess(options, adapter, controlnet),
     )
 
 
-def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None, str | None]:
-    """(controlnet, conditioning_scale, control_sha256) of one row; all None for a plain row."""
+def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None, ConditionImage | None]:
+    """(controlnet, conditioning_scale, condition image) of one row; all None for a plain row."""
     raw = row.fields.get("control_image")
     image = control.default_image
     if raw is not None:
@@ -289,36 +409,46 @@ def _row_control(row: Row, control: _Control) -> tuple[str | None, float | None,
     scale = control.default_scale
     if "conditioning_scale" in row.fields:
         scale = check_field(row, "conditioning_scale", row.fields["conditioning_scale"])
-    return control.controlnet, scale, image.sha256
+    return control.controlnet, scale, image
 
 
-def _expand(
-    row: Row,
-    defaults: dict[str, Any],
-    base_seed: int,
-    model: str,
-    occurrences: Counter[str],
-    control: _Control,
-    grid: _Grid,
-) -> list[JobSpec]:
+def _condition_size(image: ConditionImage) -> tuple[int, int]:
+    """The job size a condition gives when the job gives none: its own, to the nearest multiple of 16 (the
+    original demo renders at the bucket nearest its aspect ratio and returns the condition's size)."""
+    low, high = SIZE_RANGE
+
+    def fit(side: int) -> int:
+        return min(high, max(low, int(side / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE))  # half up
+
+    return fit(image.width), fit(image.height)
+
+
+def _expand(row: Row, setup: _Setup, occurrences: Counter[str]) -> list[JobSpec]:
+    defaults, base_seed, model = setup.defaults, setup.options.seed, setup.model
+    control, grid = setup.control, setup.grid
     fields = {**defaults, **row.fields}
     prompt = check_field(row, "prompt", fields.get("prompt"))
     for name in grid.fields:
         # A row's own value would silently win over the grid, or the grid over it: neither is what was meant.
         if name in row.fields:
             raise field_error(row, name, row.fields[name], f"the row sets {name}, which --vary also sets")
-    values = {k: check_field(row, k, fields[k]) for k in defaults}
+    controlnet, conditioning_scale, image = _row_control(row, control)
+    if setup.size_from_condition and image is not None and "width" not in row.fields and "height" not in row.fields:
+        fields["width"], fields["height"] = _condition_size(image)
+    values = {k: check_field(row, k, fields[k]) for k in defaults if k != "negative_prompt"}
+    negative = check_field(row, "negative_prompt", fields.get("negative_prompt"))
     explicit_seed = check_field(row, "seed", fields["seed"]) if "seed" in fields else None
     if "seed" in grid.fields and values["images_per_prompt"] != 1:
         raise field_error(
             row, "images_per_prompt", fields["images_per_prompt"], "--vary seed needs images_per_prompt 1"
         )
-    controlnet, conditioning_scale, control_sha256 = _row_control(row, control)
+    control_sha256 = image.sha256 if image is not None else None
     occurrence = occurrences[prompt]
     occurrences[prompt] += 1
     specs = []
     for variation in grid.variations:
         varied = {**values, **variation}
+        _check_sampler(row, setup, varied, variation)
         for index in range(values["images_per_prompt"]):
             if "seed" in variation:
                 seed = variation["seed"]
@@ -344,6 +474,30 @@ def _expand(
                     control_sha256=control_sha256,
                     quantize=control.quantize,
                     source_file=row.path,
+                    # Only where CFG runs does a negative prompt change the image (and join the id).
+                    negative_prompt=negative if varied["guidance_scale"] > 1 else None,
+                    control_preprocess=control.preprocess if controlnet else None,
+                    timesteps=setup.options.timesteps,
                 )
             )
     return specs
+
+
+def _check_sampler(row: Row, setup: _Setup, varied: dict[str, Any], variation: dict[str, Any]) -> None:
+    """A row's own steps against the model's sampler (the options' and the grid's were checked up front)."""
+    if "num_inference_steps" in row.fields and "num_inference_steps" not in variation:
+        _check_steps(row, setup.choice, setup.pinned_steps, setup.options, varied["num_inference_steps"])
+
+
+def _check_steps(row: Row, model: ModelChoice, pinned: int | None, options: SubmitOptions, steps: Any) -> None:
+    """The steps the model's sampler (and a controlnet recipe, and named timesteps) can take."""
+    option = row is OPTIONS
+    steps = check_field(row, "num_inference_steps", steps, option)
+    problem = model.sampler.check_steps(steps)
+    if problem is not None:
+        raise field_error(row, "num_inference_steps", steps, f"{problem} ({model.name})", option)
+    if pinned is not None and steps != pinned:
+        message = f"controlnet {options.controlnet} reproduces its release's recipe at {pinned} steps"
+        raise field_error(row, "num_inference_steps", steps, message, option)
+    if options.timesteps is not None and steps != 4:
+        raise field_error(row, "num_inference_steps", steps, f"timesteps {options.timesteps!r} are 4 steps", option)

@@ -47,6 +47,38 @@ class SubmitResult:
     plan: Plan | None = field(default=None, repr=False, compare=False)
 
 
+def choose_model(settings: Settings, dataset: str, model: str | None, *, engine: Engine | None = None) -> str:
+    """`--model` as given; else the dataset's own model (a submit into a dataset adds to its model); else the
+    configured default (FARM_DEFAULT_MODEL, the PixArt-δ release). Reads the job store, if there is one yet."""
+    if model is not None:
+        return model
+    if engine is None and settings.embedded and not Path(settings.database_url.removeprefix("sqlite:///")).is_file():
+        return settings.default_model  # a fresh machine: no job store, no dataset to follow
+    from farm.store.engine import open_store
+    from farm.store.queries import dataset_model
+
+    store = engine if engine is not None else open_store(settings)  # unreachable: DatabaseUnavailable, exit 3
+    try:
+        return dataset_model(store, dataset) or settings.default_model
+    finally:
+        if engine is None:
+            store.dispose()
+
+
+def weights_notice(settings: Settings, model: str) -> str | None:
+    """A line to show (without blocking) when a profile's weights are not on this machine."""
+    from farm.profiles import PROFILES, weights_present
+
+    profile = PROFILES.get(model)
+    if profile is None or weights_present(profile, settings):
+        return None
+    size = f" (≈ {profile.download_gb:g} GB)" if profile.download_gb else ""
+    return (
+        f"note: {model}'s weights are not on this machine; workers fetch {profile.hub_id}{size} from the hub on "
+        f"first use (or copy a diffusers folder to {settings.models_dir / model}); `farm doctor` checks it"
+    )
+
+
 def submit_file(
     settings: Settings,
     path: Path,
@@ -83,6 +115,10 @@ def submit_plan(
     say = echo or _silent
     for line in summary_lines(plan):
         say(line)
+    for model in dict.fromkeys(spec.model for spec in plan.specs):
+        notice = weights_notice(settings, model)
+        if notice is not None:
+            say(notice)
     result = SubmitResult(
         plan.dataset,
         plan.planned,
@@ -165,6 +201,7 @@ def summary_lines(plan: Plan) -> list[str]:
     if plan.duplicates:
         count += f", {len(plan.specs)} distinct ({plan.duplicates} duplicates folded)"
     lines = [count]
+    lines += [f"note: {note}" for note in plan.notes]
     if plan.negative_prompts:
         lines.append(f"note: {NEGATIVE_PROMPT_NOTE} ({plan.negative_prompts} rows had one)")
     return lines
