@@ -826,12 +826,18 @@ def run_worker_benchmark(args: argparse.Namespace) -> int:
                 )
             },
         }
+        if args.compare_devices:
+            report["results"]["devices"] = guarded(
+                "cross-device", device, lambda: compare_devices(model, device, args.compare_size)
+            )
     finally:
         if tiny_dir is not None:
             shutil.rmtree(tiny_dir, ignore_errors=True)
     result = report["results"]["worker_low_memory"]
     report["elapsed_s"] = time.perf_counter() - started
     lines = evaluate_worker(result, device) if result.get("status") == "ok" else [f"failed: {result.get('error')}"]
+    if "devices" in report["results"]:
+        lines += evaluate_devices(report["results"]["devices"])
     report["targets"] = {"lines": lines}
     print()
     for line in lines:
@@ -842,6 +848,58 @@ def run_worker_benchmark(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
     return 1 if result.get("status") == "error" else 0
+
+
+def compare_devices(model: str, device: str, size: int | None, seed: int = 20240112) -> dict[str, Any]:
+    """The same job rendered on the CPU (fp32) and on `device` at fp32 and at the worker's dtype: the noise is the
+    same CPU draw everywhere, so what differs is the kernels' rounding. Tolerances (stated, checked by
+    evaluate_devices): fp32 on the GPU within a mean of 1 level and PSNR ≥ 40 dB of the CPU image; the worker's
+    fp16 within PSNR ≥ 30 dB (the same picture, not the same bytes)."""
+    import numpy as np
+    import torch
+
+    from models.caches import PromptEmbeddingCache
+    from models.pipeline import RenderRequest, load_pipeline, render_batch
+
+    side = size or _native_size(model)
+    request = RenderRequest(prompt="a lighthouse on a cliff at dusk, photograph", seed=seed, width=side, height=side)
+
+    def render(where: str, dtype: str) -> np.ndarray:
+        pipe = load_pipeline(model, device=where, dtype=dtype)
+        try:
+            image = render_batch(pipe, [request], prompt_cache=PromptEmbeddingCache())[0]
+        finally:
+            del pipe
+            free_memory(where)
+        return np.asarray(image, dtype=np.float64)
+
+    reference = render("cpu", "float32")
+    rows: dict[str, Any] = {}
+    for label, dtype in (("gpu_fp32", "float32"), ("gpu_worker_dtype", "auto")):
+        other = render(device, dtype)
+        diff = np.abs(other - reference)
+        mse = float(np.mean(diff**2))
+        rows[label] = {
+            "max_abs_levels": float(diff.max()),
+            "mean_abs_levels": float(diff.mean()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse)),
+        }
+    return {"status": "ok", "size": side, "seed": seed, "cpu_reference": "fp32", **rows, "torch": torch.__version__}
+
+
+def evaluate_devices(result: dict[str, Any]) -> list[str]:
+    """The cross-device lines of the report, against compare_devices' stated tolerances."""
+    if result.get("status") != "ok":
+        return [f"cross-device: failed: {result.get('error')}"]
+    fp32, worker = result["gpu_fp32"], result["gpu_worker_dtype"]
+    ok32 = fp32["mean_abs_levels"] <= 1.0 and fp32["psnr_db"] >= 40
+    ok16 = worker["psnr_db"] >= 30
+    return [
+        f"cross-device fp32 vs CPU: mean {fp32['mean_abs_levels']:.2f} levels, max {fp32['max_abs_levels']:.0f}, "
+        f"PSNR {fp32['psnr_db']:.1f} dB — {'within' if ok32 else 'OUTSIDE'} tolerance (mean ≤ 1, PSNR ≥ 40)",
+        f"cross-device worker dtype vs CPU fp32: PSNR {worker['psnr_db']:.1f} dB, mean "
+        f"{worker['mean_abs_levels']:.2f} levels — {'within' if ok16 else 'OUTSIDE'} tolerance (PSNR ≥ 30)",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1008,6 +1066,12 @@ def main(argv: list[str] | None = None) -> int:
         "int8-transformer = T5 and transformer in 8-bit (CUDA only)",
     )
     worker.add_argument("--size", type=int, help="image side in pixels (default: the model's own size)")
+    worker.add_argument(
+        "--compare-devices",
+        action="store_true",
+        help="also render one job on the CPU (fp32) and on the device (fp32 and the worker's dtype) and compare",
+    )
+    worker.add_argument("--compare-size", type=int, help="image side for --compare-devices (default: the model's)")
     args = parser.parse_args(argv)
     if args.model and args.tiny:
         parser.error("--model and --tiny exclude each other")

@@ -190,6 +190,7 @@ POOL_KEYS: dict[str, type] = {
     "controlnets": list,
     "max_pixels": int,
     "quantize": list,
+    "task_jobs": int,
 }
 
 

@@ -366,14 +366,15 @@ def _prompt_kwargs(
     embeds, mask = prompt_cache.embed(pipe, prompts, model_key=model_key)
     # An 8-bit T5 hands back fp16 embeddings; the pipeline takes its latents' dtype from them, so match the
     # transformer (an fp32 transformer on a CPU would otherwise meet fp16 latents).
-    embeds = embeds.to(pipe.transformer.dtype)
+    # (A low-memory worker keeps the cache in host memory: the rows come to the pipeline's device here.)
+    embeds, mask = embeds.to(device=pipe.device, dtype=pipe.transformer.dtype), mask.to(pipe.device)
     extra: dict[str, Any] = {}
     if cfg:
         # Each image's own negative prompt (PixArt's default is ""), cached like any other prompt.
         neg_embeds, neg_mask = prompt_cache.embed(pipe, negatives, model_key=model_key)
         extra = {
-            "negative_prompt_embeds": neg_embeds.to(pipe.transformer.dtype),
-            "negative_prompt_attention_mask": neg_mask,
+            "negative_prompt_embeds": neg_embeds.to(device=pipe.device, dtype=pipe.transformer.dtype),
+            "negative_prompt_attention_mask": neg_mask.to(pipe.device),
         }
     return {"prompt": None, "negative_prompt": None, "prompt_embeds": embeds, "prompt_attention_mask": mask, **extra}
 

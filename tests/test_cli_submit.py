@@ -213,3 +213,27 @@ def test_parquet_file(home: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2
     assert f"{path}:row 2" in bad.output
     assert _counts(home) == (1, 2)
+
+
+def test_the_release_is_the_default_and_a_dataset_keeps_its_model(home: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\na cat\n")
+    first = _farm(home, "submit", str(prompts), "--dataset", "rel", "--no-dispatch")
+    assert first.exit_code == 0, first.output
+    # No weights here: said, without blocking (workers fetch them), with the download's size.
+    assert "pixart-lcm-1024's weights are not on this machine" in first.output
+    assert "≈ 21.8 GB" in first.output
+    tiny = _farm(home, "submit", str(prompts), "--dataset", "small", "--model", "tiny", "--no-dispatch")
+    assert tiny.exit_code == 0, tiny.output
+    # A later submit into "small" without --model adds to its model: the same file maps onto the same jobs.
+    again = _farm(home, "submit", str(prompts), "--dataset", "small", "--no-dispatch")
+    assert again.exit_code == 0, again.output
+    assert "0 new jobs, 2 already present" in again.output
+    engine = make_engine(f"sqlite:///{home / 'farm.db'}")
+    with engine.connect() as conn:
+        models = dict(
+            conn.execute(
+                select(Dataset.name, func.min(Job.model)).join(Job, Job.dataset_id == Dataset.id).group_by(Dataset.name)
+            ).all()
+        )
+    assert models == {"rel": "pixart-lcm-1024", "small": "tiny"}

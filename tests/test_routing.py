@@ -44,6 +44,19 @@ def test_routes_to_a_live_pool_and_prefers_one_holding_the_controlnet() -> None:
     assert Router("render", [], {}, {}).route(needs).queue == "render"  # no pools: the one queue
 
 
+def test_a_low_memory_pool_gets_large_tasks() -> None:
+    """One T5 load per task: a low-memory pool takes 64 jobs a message (rendered max_batch at a time)."""
+    small = PoolSpec.from_options("small", {"low_memory": True, "max_batch": 2})
+    sized = PoolSpec.from_options("sized", {"low_memory": True, "task_jobs": 16})
+    plain = PoolSpec.from_options("plain", {"max_batch": 8})
+    router = Router("render", [small, sized, plain], {}, {})
+    assert (small.task_jobs, sized.task_jobs, plain.task_jobs) == (64, 16, None)
+    assert router.task_jobs("render.small", 8) == 64
+    assert router.task_jobs("render.sized", 8) == 16
+    assert router.task_jobs("render.plain", 8) == 8  # FARM_BATCH_SIZE
+    assert router.largest_task(8) == 64
+
+
 def test_unroutable_jobs_carry_the_reason() -> None:
     router = Router("render", [INT8, CONTROL], {"int8": 1}, {})
     refused = router.route(Needs("bench-small", None, 256 * 256, None))

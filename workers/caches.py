@@ -232,7 +232,16 @@ class RenderCaches:
 
         dtype, device = pipe.transformer.dtype, pipe.device
         source = controlnet_source(name, self.settings)
-        return self.adapters.get_or_load(name, dtype, lambda: load_controlnet(source, dtype=dtype, device=device))
+        adapter = self.adapters.get_or_load(name, dtype, lambda: load_controlnet(source, dtype=dtype, device=device))
+        return adapter.to(device)  # back from the CPU if low-memory mode moved it off for a T5 phase
+
+    def _offload_adapters(self) -> None:
+        """Low-memory mode, before a T5 loads: ControlNet adapters (≈ 0.6 GB each in fp16) off the device too."""
+        for key in self.adapters.cached_keys():
+            adapter = self.adapters.get(key)
+            if adapter is not None and adapter.device.type != "cpu":
+                adapter.to("cpu")
+                self._emit("adapter_offloaded", key[0])
 
     def condition_latents(self, jobs: list[Claimed], pipe: Any) -> list[Any]:
         """One condition latent per job, encoded at the size the pipeline really renders, cached by sha256."""
@@ -311,6 +320,7 @@ class RenderCaches:
             return
         try:
             self.pipelines.offload()
+            self._offload_adapters()
         except Exception:
             log.exception("could not move the pipelines off the device before encoding; encoding beside them")
         for first, missing in todo:
@@ -379,12 +389,18 @@ class RenderCaches:
         from models.quantize import encode_prompts
 
         _device, dtype = _worker_device_and_dtype(self.settings)
+        # Low-memory mode keeps the embeddings in host memory (≈ 1 MB each at 120 × 4096 in fp16: a full cache
+        # would be ≈ 4 GB on an 8 GB card); render_batch moves a batch's rows to the device.
+        home = "cpu" if self.pipelines.low_memory else None
         for start in range(0, len(missing), ENCODE_CHUNK):
             chunk = missing[start : start + ENCODE_CHUNK]
             embeds, mask = encode_prompts(encoder, chunk)
             for index, prompt in enumerate(chunk):
                 # Copies, so that an entry does not keep its whole chunk alive after the others are evicted.
-                entry = (embeds[index : index + 1].to(dtype, copy=True), mask[index : index + 1].clone())
+                entry = (
+                    embeds[index : index + 1].to(device=home, dtype=dtype, copy=True),
+                    mask[index : index + 1].to(device=home, copy=True),
+                )
                 self.prompts.put((key, prompt), entry)
 
     def _guarded(self, encode: Callable[[Claimed, list[str]], None], job: Claimed, missing: list[str]) -> None:

@@ -145,7 +145,7 @@ def _take_page(
             conn.execute(select(func.pg_advisory_xact_lock(_DISPATCH_LOCK)))
         room.recount(conn)
         page = _pending_page(conn, dataset_id, after, priority, room.page_size)
-        for key, job_ids in group_jobs(page, settings.batch_size):
+        for key, job_ids in group_jobs(page, router.largest_task(settings.batch_size)):
             group = dict(zip(RENDER_GROUP_FIELDS, key, strict=True))
             pixels = group["width"] * group["height"]
             route = router.route(Needs(group["model"], group["controlnet"], pixels, group["quantize"]))
@@ -158,8 +158,8 @@ def _take_page(
                 continue
             mine = transitions.mark_queued(conn, fits, queue=route.queue)
             room.use(route.queue, len(mine))
-            if mine:
-                taken.append((key, route.queue, mine))
+            size = router.task_jobs(route.queue, settings.batch_size)
+            taken.extend((key, route.queue, mine[start : start + size]) for start in range(0, len(mine), size))
         for reason, job_ids in stranded.items():
             transitions.note_unroutable(conn, job_ids, reason)
     return taken, stranded, full, (page[-1][0] if len(page) == room.page_size else None)

@@ -16,6 +16,8 @@ from sqlalchemy.engine import Engine
 from farm.settings import Settings
 from farm.store.fleet import list_workers
 
+LOW_MEMORY_TASK_JOBS = 64
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -37,6 +39,9 @@ class PoolSpec:
     controlnets: tuple[str, ...] | None = None
     max_pixels: int | None = None
     quantize: tuple[str, ...] | None = None
+    # Jobs per task message (None: FARM_BATCH_SIZE). A low-memory pool encodes a task's prompts with one T5 load,
+    # so it gets large tasks by default (LOW_MEMORY_TASK_JOBS), rendered max_batch at a time.
+    task_jobs: int | None = None
 
     @classmethod
     def from_options(cls, name: str, options: Mapping[str, Any]) -> PoolSpec:
@@ -50,6 +55,7 @@ class PoolSpec:
             listed("controlnets"),
             options.get("max_pixels"),
             listed("quantize"),
+            options.get("task_jobs") or (LOW_MEMORY_TASK_JOBS if options.get("low_memory") else None),
         )
 
     def refuses(self, needs: Needs) -> str | None:
@@ -97,6 +103,14 @@ class Router:
                     live[worker.pool] = live.get(worker.pool, 0) + 1
                     adapters.setdefault(worker.pool, set()).update(worker.loaded.get("adapters", []))
         return cls(settings.queue, pools, live, adapters)
+
+    def task_jobs(self, queue: str, default: int) -> int:
+        """Jobs per task message on `queue`: its pool's task_jobs, else `default` (FARM_BATCH_SIZE)."""
+        return next((p.task_jobs for p in self.pools if p.queue == queue and p.task_jobs), default)
+
+    def largest_task(self, default: int) -> int:
+        """The most jobs any queue takes in one task: how many pending jobs dispatch groups together."""
+        return max([default, *(p.task_jobs for p in self.pools if p.task_jobs)])
 
     def route(self, needs: Needs) -> Route:
         """A live pool that serves these needs, preferring one that already holds their ControlNet."""
