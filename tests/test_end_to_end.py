@@ -60,7 +60,13 @@ def _bare_pipeline(model_dir: Path) -> object:
 
 
 def test_twenty_prompts_on_postgres_redis_and_s3(
-    tmp_path: Path, pg_url: str, redis_url: str, s3_server: S3Server, s3_bucket: str, tiny_model: Path, queue_name: str
+    tmp_path: Path,
+    own_pg_url: str,
+    redis_url: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tiny_model: Path,
+    queue_name: str,
 ) -> None:
     import os
 
@@ -69,7 +75,7 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
     prompts.write_text("\n".join(PROMPTS) + "\n")
     env = farm_env(
         FARM_HOME=str(tmp_path / "home"),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_BROKER_URL=redis_url,
         FARM_QUEUE=queue_name,
         FARM_STORAGE_URL=f"s3://{s3_bucket}/renders",
@@ -89,7 +95,7 @@ def test_twenty_prompts_on_postgres_redis_and_s3(
     assert "20 new jobs" in submitted.stdout
     assert "dispatched 20 jobs in 20 tasks" in submitted.stdout
 
-    engine = make_engine(pg_url)
+    engine = make_engine(own_pg_url)
     worker = Worker(env, tmp_path / "worker.log")
     try:
         wait_until(lambda: _dataset_done(env, dataset), timeout_s=240, what="all 20 jobs to finish", worker=worker)
@@ -165,14 +171,14 @@ def test_embedded_default_runs_the_same_path(tmp_path: Path) -> None:
 
 
 def test_broker_down_at_submit_keeps_jobs_pending_until_dispatch(
-    tmp_path: Path, pg_url: str, redis_url: str, tiny_model: Path, queue_name: str
+    tmp_path: Path, own_pg_url: str, redis_url: str, tiny_model: Path, queue_name: str
 ) -> None:
     dataset = f"brokerdown-{queue_name}"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:5]))
     base = dict(
         FARM_HOME=str(tmp_path / "home"),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_QUEUE=queue_name,
         FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
     )

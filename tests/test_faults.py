@@ -59,12 +59,12 @@ def _one_object_per_job(images: Path, jobs: list, env: dict[str, str] | None = N
 
 
 def test_worker_killed_mid_batch_loses_nothing(
-    tmp_path: Path, bench_home: Path, pg_url: str, redis_url: str, queue_name: str
+    tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str
 ) -> None:
     dataset = f"kill-{queue_name}"
     env = farm_env(
         FARM_HOME=str(bench_home),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_BROKER_URL=redis_url,
         FARM_QUEUE=queue_name,
         FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
@@ -101,7 +101,7 @@ def test_worker_killed_mid_batch_loses_nothing(
         )
     finally:
         rescuer.stop()
-    jobs = _jobs(make_engine(pg_url), dataset)
+    jobs = _jobs(make_engine(own_pg_url), dataset)
     assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 12
     _one_object_per_job(tmp_path / "images" / dataset, jobs, env)
     assert sum(1 for j in jobs if j.attempts == 2) == stranded  # the killed batch: a second attempt each
@@ -170,7 +170,7 @@ def test_storage_down_longer_than_retries_fails_the_attempt_not_the_job(
 
 
 def test_worker_reconnects_when_postgres_drops_its_connections(
-    tmp_path: Path, bench_home: Path, pg_url: str, redis_url: str, queue_name: str
+    tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str
 ) -> None:
     import psycopg
     from sqlalchemy.engine import make_url
@@ -178,7 +178,7 @@ def test_worker_reconnects_when_postgres_drops_its_connections(
     dataset = f"pgdrop-{queue_name}"
     env = farm_env(
         FARM_HOME=str(bench_home),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_BROKER_URL=redis_url,
         FARM_QUEUE=queue_name,
         FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
@@ -188,7 +188,7 @@ def test_worker_reconnects_when_postgres_drops_its_connections(
     prompts.write_text("".join(f"a harbour at dusk, take {i}\n" for i in range(16)))
     assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
     worker = Worker(env, tmp_path / "worker.log")
-    url = make_url(pg_url)
+    url = make_url(own_pg_url)
     try:
         wait_until(
             lambda: _counts(env, dataset)["succeeded"] >= 2,
@@ -214,7 +214,7 @@ def test_worker_reconnects_when_postgres_drops_its_connections(
         assert worker.proc.poll() is None  # it carried on rather than dying
     finally:
         worker.stop()
-    jobs = _jobs(make_engine(pg_url), dataset)
+    jobs = _jobs(make_engine(own_pg_url), dataset)
     assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 16
     _one_object_per_job(tmp_path / "images" / dataset, jobs, env)
 

@@ -19,7 +19,18 @@ from farm.store.fleet import Heartbeat, WorkerInfo, beat
 from farm.store.queries import JobRow
 from farm.store.schema import JobStatus, utcnow
 
-DATASET_KEYS = {"dataset", "counts", "total", "images_per_s", "eta_s", "done", "unroutable", "unroutable_reasons"}
+DATASET_KEYS = {
+    "dataset",
+    "counts",
+    "total",
+    "images_per_s",
+    "eta_s",
+    "done",
+    "unroutable",
+    "unroutable_reasons",
+    "recipes",
+    "warnings",
+}
 
 
 @pytest.fixture()

@@ -82,12 +82,12 @@ max_batch = 2
 
 
 @pytest.mark.integration
-def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: str, redis_url: str) -> None:
+def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, own_pg_url: str, redis_url: str) -> None:
     (tmp_path / "farm.toml").write_text(POOLS)
     home = tmp_path / "home"
     env = farm_env(
         FARM_HOME=str(home),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_BROKER_URL=redis_url,
         FARM_LEASE_S="30",
         FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
@@ -135,7 +135,7 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: 
     finally:
         for process in pools:
             process.stop()
-    engine = make_engine(pg_url)
+    engine = make_engine(own_pg_url)
     with engine.connect() as conn:
         placed = conn.execute(
             select(Dataset.name, WorkerRow.pool, Job.status)
@@ -156,11 +156,13 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, pg_url: 
 
 
 @pytest.mark.integration
-def test_higher_priority_datasets_render_first(tmp_path: Path, pg_url: str, redis_url: str, queue_name: str) -> None:
+def test_higher_priority_datasets_render_first(
+    tmp_path: Path, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
     """Both datasets are on the Redis queue before the worker starts; the urgent one is claimed first."""
     env = farm_env(
         FARM_HOME=str(tmp_path / "home"),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_BROKER_URL=redis_url,
         FARM_QUEUE=queue_name,
         FARM_BATCH_SIZE="2",
@@ -182,7 +184,7 @@ def test_higher_priority_datasets_render_first(tmp_path: Path, pg_url: str, redi
             )
     finally:
         worker.stop()
-    with make_engine(pg_url).connect() as conn:
+    with make_engine(own_pg_url).connect() as conn:
         rows = conn.execute(
             select(Dataset.name, Job.started_at).join(Dataset).where(Dataset.name.in_([low, urgent]))
         ).all()

@@ -96,12 +96,12 @@ def test_a_failing_job_is_retried_then_failed_without_blocking_others(tmp_path: 
 
 @pytest.mark.integration
 def test_poison_job_through_a_real_worker_and_redis(
-    tmp_path: Path, pg_url: str, redis_url: str, tiny_model: Path, queue_name: str
+    tmp_path: Path, own_pg_url: str, redis_url: str, tiny_model: Path, queue_name: str
 ) -> None:
     dataset = f"poison-{queue_name}"
     env = farm_env(
         FARM_HOME=str(tmp_path / "home"),
-        FARM_DATABASE_URL=pg_url,
+        FARM_DATABASE_URL=own_pg_url,
         FARM_BROKER_URL=redis_url,
         FARM_QUEUE=queue_name,
         FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
@@ -136,7 +136,7 @@ def test_poison_job_through_a_real_worker_and_redis(
     assert all(line.split(": ", 1)[1].startswith("ModelLoadError") for line in lines)
     log = worker.log()
     assert "attempt 1 failed" in log and "attempt 2 failed" in log and "failed after 3 attempts" in log
-    engine = make_engine(pg_url)
+    engine = make_engine(own_pg_url)
     with engine.connect() as conn:
         n = conn.execute(select(Job.id).join(Dataset).where(Dataset.name == dataset)).all()
     assert len(n) == 4
