@@ -24,7 +24,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import StorageError, UnknownDataset
-from farm.outputs.export import FIELDS, MANIFEST, export_dataset, presigned_url
+from farm.outputs.export import FIELDS, MANIFEST, CopyFailed, export_dataset, presigned_url
 from farm.settings import Settings, load_settings
 from farm.storage import Storage, object_key, open_storage
 from farm.storage.local import LocalStorage
@@ -60,9 +60,15 @@ def _png(seed: int, width: int = WIDTH, height: int = HEIGHT) -> bytes:
     return buf.getvalue()
 
 
-def add_jobs(engine: Engine, storage: Storage, dataset: str, count: int, *, first_seed: int = 0) -> list[str]:
-    """Insert ``count`` succeeded jobs (images stored) plus one failed and one pending job; the succeeded ids."""
-    now = utcnow()
+def add_jobs(
+    engine: Engine, storage: Storage, dataset: str, count: int, *, first_seed: int = 0, ago_s: float = 3600
+) -> list[str]:
+    """Insert ``count`` succeeded jobs (images stored) plus one failed and one pending job; the succeeded ids.
+
+    Job ``i`` finished ``ago_s`` seconds before now plus ``first_seed + i`` seconds: by default long enough ago
+    for an export's settle time (rows that finished in the last minute wait for the next export).
+    """
+    now = utcnow() - timedelta(seconds=ago_s)
     with engine.begin() as conn:
         ds_id = conn.execute(select(Dataset.id).where(Dataset.name == dataset)).scalar()
         if ds_id is None:
@@ -229,10 +235,18 @@ def test_an_image_that_does_not_match_its_sha256_fails_the_export(
     ids = add_jobs(engine, storage, "ds", 2)
     assert isinstance(storage, LocalStorage)
     (storage.root / object_key("", "ds", ids[1], 1)).write_bytes(_png(42))
-    with pytest.raises(StorageError, match=f"job {ids[1]}.*sha256"):
-        export_dataset(engine, storage, "ds", fmt="webdataset", to=str(tmp_path / "wds"))
-    # Nothing is recorded as exported, so a fixed run starts from scratch.
-    assert not (tmp_path / "wds" / MANIFEST).exists()
+    dest = tmp_path / "wds"
+    with pytest.raises(StorageError, match=f"job {ids[1]}.*sha256") as failed:
+        export_dataset(engine, storage, "ds", fmt="webdataset", to=str(dest))
+    # What was copied before the bad image is recorded (a short shard); the bad one is not.
+    assert isinstance(failed.value, CopyFailed) and failed.value.job_id == ids[1]
+    assert json.loads((dest / MANIFEST).read_text())["rows"] == 1
+    with tarfile.open(dest / "shard-000000.tar") as tar:
+        assert tar.getnames() == [f"{ids[0]}.png", f"{ids[0]}.json"]
+    # Once the image is right again, the next run writes its row and nothing else.
+    (storage.root / object_key("", "ds", ids[1], 1)).write_bytes(_png(1))
+    again = export_dataset(engine, storage, "ds", fmt="webdataset", to=str(dest))
+    assert (again.new_rows, again.total_rows, again.files) == (1, 2, ("shard-000001.tar",))
 
 
 # ---- imagefolder -----------------------------------------------------------------------------------
@@ -251,7 +265,9 @@ def test_imagefolder_loads_with_hugging_face_datasets(
     ids = add_jobs(engine, storage, "ds", 3)
     dest = tmp_path / "folder"
     result = export_dataset(engine, storage, "ds", fmt="imagefolder", to=str(dest))
-    assert set(result.files) == {*(f"{i}.png" for i in ids), "metadata.jsonl"}
+    # Images are counted, not listed (an export may copy millions).
+    assert (result.files, result.images) == (("metadata.jsonl",), 3)
+    assert all((dest / f"{i}.png").read_bytes() == _png(n) for n, i in enumerate(ids))
     lines = _read_jsonl(dest / "metadata.jsonl")
     assert [line["file_name"] for line in lines] == [f"{i}.png" for i in ids]
 
@@ -265,7 +281,8 @@ def test_imagefolder_loads_with_hugging_face_datasets(
     more = add_jobs(engine, storage, "ds", 2, first_seed=7)
     again = export_dataset(engine, storage, "ds", fmt="imagefolder", to=str(dest))
     assert (again.new_rows, again.total_rows) == (2, 5)
-    assert set(again.files) == {*(f"{i}.png" for i in more), "metadata.jsonl"}
+    assert (again.files, again.images) == (("metadata.jsonl",), 2)
+    assert [line["file_name"] for line in _read_jsonl(dest / "metadata.jsonl")] == [f"{i}.png" for i in ids + more]
     reloaded = _load_imagefolder(dest, tmp_path / "hf-cache-2")
     assert reloaded.num_rows == 5
     assert sorted(reloaded["seed"]) == [0, 1, 2, 7, 8]

@@ -108,7 +108,8 @@ def test_a_job_keeps_every_input_through_record_claim_dispatch_and_export(
                 conn, job.id, worker="w", seq=job.claim_seq, stored=stored, render_ms=1500
             )
 
-    export_dataset(engine, storage, "d", fmt="parquet", to=str(tmp_path / "out"))
+    # settle_s=0: these jobs finished a moment ago; the default margin would hold them for the next export.
+    export_dataset(engine, storage, "d", fmt="parquet", to=str(tmp_path / "out"), settle_s=0)
     table = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert table.column_names == list(FIELDS)
     for field in EXPORT_FIELDS:  # integer and float columns keep their width from the jobs table

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from farm.cli.common import settings_of
-from farm.outputs.export import FORMATS
+from farm.outputs.export import DEFAULT_PARALLEL, DEFAULT_SETTLE_S, FORMATS
 from farm.storage import storage_for
 
 __all__ = ["export", "url"]
@@ -37,8 +37,25 @@ __all__ = ["export", "url"]
     show_default=True,
     help="Images per WebDataset shard.",
 )
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=DEFAULT_PARALLEL,
+    show_default=True,
+    help="Images copied at once (webdataset, imagefolder); 1 copies them one request at a time.",
+)
+@click.option(
+    "--settle-s",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SETTLE_S,
+    show_default=True,
+    help="Export only rows that finished at least this many seconds ago; newer ones wait for the next run, so a "
+    "worker whose clock lags or whose commit comes late by less than this is never skipped.",
+)
 @click.pass_context
-def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int) -> None:
+def export(
+    ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int, parallel: int, settle_s: float
+) -> None:
     """Export the finished images of DATASET, one row per image, in a format training code reads."""
     from farm.outputs.export import describe_files, export_dataset
     from farm.store.engine import open_store
@@ -55,14 +72,19 @@ def export(ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int)
             s3_endpoint_url=settings.s3_endpoint_url,
             s3_region=settings.s3_region,
             shard_size=shard_size,
+            parallel=parallel,
+            settle_s=settle_s,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     finally:
         engine.dispose()
+    waiting = ""
+    if result.held_back:
+        waiting = f"; {result.held_back} finished in the last {settle_s:g} s wait for the next run"
     click.echo(
         f"exported {result.new_rows} new rows of {dataset} as {fmt} to {to} "
-        f"({result.total_rows} in all): {describe_files(result.files)}"
+        f"({result.total_rows} in all): {describe_files(result.files, result.images)}{waiting}"
     )
 
 
