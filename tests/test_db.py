@@ -79,7 +79,7 @@ def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> 
             text("SELECT id, controlnet, conditioning_scale, control_sha256, control_uri, quantize FROM jobs")
         ).one()
     assert tuple(row) == ("j1", None, None, None, None, None)
-    assert current_revision(engine) == head_revision() == "0009"
+    assert current_revision(engine) == head_revision() == "0010"
     with engine.connect() as conn:  # and the dataset survived the later migrations, unpaused
         assert tuple(conn.execute(text("SELECT name, paused FROM datasets")).one()) == ("d", 0)
         assert tuple(conn.execute(text("SELECT claim_seq, queue, queued_at, source_file FROM jobs")).one()) == (

@@ -29,6 +29,26 @@ def db_upgrade(ctx: click.Context) -> None:
     click.echo(f"{redact(settings.database_url)} is at revision {current_revision(engine)}")
 
 
+@db.command("recount")
+@click.option("--dataset", "name", metavar="NAME", help="Only this dataset (default: every dataset).")
+@click.pass_context
+def db_recount(ctx: click.Context, name: str | None) -> None:
+    """Rebuild the job counts `farm status` reads from the jobs themselves, and say what changed.
+
+    One transaction per dataset; safe while the farm runs (transitions are neither blocked nor lost). After
+    `farm db upgrade` to revision 0010 on a large PostgreSQL store, this backfills the counts.
+    """
+    from farm.store.counts import recount
+    from farm.store.engine import open_store
+
+    engine = open_store(settings_of(ctx))
+    try:
+        for done in recount(engine, name):
+            click.echo(done.describe())
+    finally:
+        engine.dispose()
+
+
 @click.group()
 def models() -> None:
     """Model profiles, the offline tiny models and random HED weights."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from farm.errors import UnknownDataset
+from farm.store.counts import UNROUTABLE, counted_jobs, stored_counts
 from farm.store.schema import FINISHED, UNFINISHED, Dataset, DatasetRecipe, Job, JobStatus, utcnow
 
 # Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
@@ -122,29 +124,40 @@ def job_state(engine: Engine, job_id: str) -> str | None:
 
 
 def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) -> DatasetStatus:
-    """Counts per state (one indexed GROUP BY), images/s over the last RATE_WINDOW_S, and ETA."""
-    ds_id = dataset_id(engine, name)
-    now = now or utcnow()
-    since = now - timedelta(seconds=RATE_WINDOW_S)
+    """Counts per state (job_counts: at most 16 rows per state), images/s over the last RATE_WINDOW_S, and ETA."""
     with engine.connect() as conn:
-        grouped = conn.execute(
-            select(Job.status, func.count()).where(Job.dataset_id == ds_id).group_by(Job.status)
-        ).all()
-        recent, first, last = conn.execute(
-            select(func.count(), func.min(Job.finished_at), func.max(Job.finished_at)).where(
-                Job.dataset_id == ds_id, Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED.value
-            )
-        ).one()
-        stranded = conn.execute(
-            select(Job.routing_note, func.count())
-            .where(Job.dataset_id == ds_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None))
-            .group_by(Job.routing_note)
-        ).all()
-        recipes = conn.execute(
-            select(func.count()).select_from(DatasetRecipe).where(DatasetRecipe.dataset_id == ds_id)
-        ).scalar_one()
+        found = conn.execute(select(Dataset.id, Dataset.counts_ready).where(Dataset.name == name)).first()
+        if found is None:
+            raise UnknownDataset(f"no dataset named {name!r}")
+        return _status(conn, name, int(found.id), bool(found.counts_ready), now or utcnow())
+
+
+def _status(conn: Connection, name: str, ds_id: int, counts_ready: bool, now: datetime) -> DatasetStatus:
+    """One dataset's status. Every query is bounded by the dataset's size in states, not in jobs: the counts are
+    job_counts' rows (a dataset not backfilled yet, see farm/store/counts.py, counts its jobs instead), the rate
+    reads the jobs finished in the window (ix_jobs_dataset_finished), the unroutable reasons are looked up only
+    when the counts say there are unroutable jobs, and the recipes are a handful of rows."""
+    since = now - timedelta(seconds=RATE_WINDOW_S)
+    stored = stored_counts(conn, ds_id) if counts_ready else counted_jobs(conn, ds_id)
+    recent, first, last = conn.execute(
+        select(func.count(), func.min(Job.finished_at), func.max(Job.finished_at)).where(
+            Job.dataset_id == ds_id, Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED.value
+        )
+    ).one()
+    stranded: list[Any] = []
+    if stored.get(UNROUTABLE, 0) > 0:
+        stranded = list(
+            conn.execute(
+                select(Job.routing_note, func.count())
+                .where(Job.dataset_id == ds_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None))
+                .group_by(Job.routing_note)
+            ).all()
+        )
+    recipes = conn.execute(
+        select(func.count()).select_from(DatasetRecipe).where(DatasetRecipe.dataset_id == ds_id)
+    ).scalar_one()
     counts = {s.value: 0 for s in JobStatus}
-    counts.update({status: int(n) for status, n in grouped})
+    counts.update({key: n for key, n in stored.items() if key != UNROUTABLE})
     remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
     rate = 0.0
     if recent and first is not None:
@@ -205,10 +218,13 @@ def pool_progress(engine: Engine, names: list[str], *, beat_s: float) -> list[Po
 
 
 def all_statuses(engine: Engine) -> list[DatasetStatus]:
-    """Every dataset's status, oldest first."""
+    """Every dataset's status, oldest first, read on one connection."""
+    now = utcnow()
     with engine.connect() as conn:
-        names = conn.execute(select(Dataset.name).order_by(Dataset.created_at, Dataset.id)).scalars().all()
-    return [dataset_status(engine, name) for name in names]
+        datasets = conn.execute(
+            select(Dataset.id, Dataset.name, Dataset.counts_ready).order_by(Dataset.created_at, Dataset.id)
+        ).all()
+        return [_status(conn, str(ds.name), int(ds.id), bool(ds.counts_ready), now) for ds in datasets]
 
 
 def list_jobs(engine: Engine, name: str, *, state: str | None = None, limit: int = 50) -> list[JobRow]:

@@ -14,10 +14,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
     false,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -78,6 +80,9 @@ class Dataset(Base):
     paused: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     # 0–9, higher first: dispatch sends higher-priority datasets first, on Redis priority queues.
     priority: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # Whether job_counts holds this dataset's exact counts (revision 0010): false only for a dataset that was on a
+    # large PostgreSQL store before the counts existed, until `farm db recount` backfills it (farm/store/counts.py).
+    counts_ready: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
 
 
 class Job(Base):
@@ -133,7 +138,7 @@ class Job(Base):
     routing_note: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        # `farm status`: counts per state for one dataset come from this index alone.
+        # Jobs of one dataset in one state (`farm db recount`, dispatch per dataset); `farm status` reads job_counts.
         Index("ix_jobs_dataset_status", "dataset_id", "status"),
         # Throughput and ETA: recently finished jobs of a dataset.
         Index("ix_jobs_dataset_finished", "dataset_id", "finished_at"),
@@ -142,6 +147,23 @@ class Job(Base):
         # The dispatch window: queued jobs per queue, oldest send first.
         Index("ix_jobs_status_queued", "status", "queue", "queued_at"),
     )
+
+
+class JobCount(Base):
+    """How many jobs of a dataset are in a state: the sum of its rows over the stripes (revision 0010).
+
+    Kept by triggers on jobs (migrations/versions/0010_status_counts.py) in the transaction of every change, so
+    `farm status` reads at most 16 rows per state instead of counting the jobs. Besides the six states, the key
+    "unroutable" counts pending jobs that carry a routing note. farm/store/counts.py reads and rebuilds them.
+    """
+
+    __tablename__ = "job_counts"
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # 0-15: concurrent transactions add to different rows (PostgreSQL), so no single row is hot.
+    stripe: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class DatasetRecipe(Base):

@@ -1,5 +1,9 @@
 """The one place that writes job states. Every transition is a guarded UPDATE, so a duplicate delivery
-or a late worker can never move a job backwards or render it twice."""
+or a late worker can never move a job backwards or render it twice.
+
+The per-dataset counts `farm status` reads (job_counts) follow every change here by themselves: triggers on jobs
+add each statement's net change per (dataset, state) in its transaction (farm/store/counts.py, migration 0010),
+so a transition that moves many rows, or none, needs no bookkeeping of its own."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def record(engine: Engine, plan: Plan) -> Recorded:
     """One transaction: the dataset (created if new) and every job as pending; existing ids are skipped.
 
     Rows are staged in a temporary table (COPY on PostgreSQL) and moved with one INSERT … SELECT … ON
-    CONFLICT DO NOTHING, whose row count is exactly the number of new jobs, even with concurrent submits.
+    CONFLICT DO NOTHING, whose row count is exactly the number of new jobs, even with concurrent submits. The jobs'
+    insert trigger adds exactly the rows inserted to the dataset's pending count (job_counts), in this transaction.
     """
     unstored = next((s for s in plan.specs if s.control_sha256 is not None and s.control_uri is None), None)
     if unstored is not None:
