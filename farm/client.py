@@ -226,13 +226,11 @@ class Client:
             options["control_image"] = Path(options["control_image"])
         if options.get("quantize") == "none":
             options["quantize"] = None
-        if options.get("model") is None:
-            from farm.profiles import CONTROLNET_PROFILES
-            from farm.submit.run import choose_model
+        from farm.submit.run import choose_model
 
-            adapter = CONTROLNET_PROFILES.get(options.get("controlnet") or "")
-            if adapter is None or adapter.base_model is None:  # a release controlnet picks its own base model
-                options["model"] = choose_model(self.settings, dataset, None, engine=self._engine)
+        options["model"] = choose_model(
+            self.settings, dataset, options.get("model"), controlnet=options.get("controlnet"), engine=self._engine
+        )
         options.setdefault("hed_weights", self.settings.hed_weights_path)
         return SubmitOptions(
             dataset=dataset,

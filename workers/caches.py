@@ -186,8 +186,8 @@ class PipelineCache:
             # Decode a batch's latents one image at a time (AutoencoderKL.enable_slicing; diffusers 0.42's
             # PixArtAlphaPipeline has no enable_vae_slicing). Not tiling: tiles blend at their seams, which changes
             # pixels. At 1024 px in fp16: transformer 0.6B ≈ 1.2 GB, VAE 80M ≈ 0.16 GB, and the VAE decode of one
-            # 1024 px image peaks at ≈ 4.8 GB (REFERENCE.md), so ≈ 6.2 GB with one image decoded at a time; a
-            # batch decoded at once would multiply the decode's share by the batch size.
+            # 1024 px image peaks at ≈ 4.8 GB, so ≈ 6.2 GB with one image decoded at a time (BENCHMARKS.md, "the 8 GB
+            # order"); a batch decoded at once would multiply the decode's share by the batch size.
             pipe.vae.enable_slicing()
         return pipe
 

@@ -136,19 +136,13 @@ def submit(
     priority: int | None,
 ) -> None:
     """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
-    from farm.profiles import CONTROLNET_PROFILES
     from farm.submit.plan import SubmitOptions
     from farm.submit.run import choose_model, submit_file
 
     settings = settings_of(ctx)
-    chosen = model
-    adapter = CONTROLNET_PROFILES.get(controlnet or "")
-    if model is None and (adapter is None or adapter.base_model is None):
-        # The dataset's own model, else FARM_DEFAULT_MODEL; a dry run reads no database, so it shows the default.
-        chosen = settings.default_model if dry_run else choose_model(settings, dataset, None)
     options = SubmitOptions(
         dataset=dataset,
-        model=chosen,
+        model=choose_model(settings, dataset, model, controlnet=controlnet, read_store=not dry_run),
         width=width,
         height=height,
         num_inference_steps=num_inference_steps,

@@ -16,6 +16,7 @@ from typing import Any
 from farm.errors import InvalidSubmission
 from farm.job import JobSpec
 from farm.profiles import CONTROLNET_PROFILES, PROFILES, ModelChoice, resolve_controlnet, resolve_model
+from farm.settings import Settings
 from farm.storage import Storage
 from farm.submit.conditions import MAX_CONDITION_BYTES, ConditionImage, ConditionImages, store_condition
 from farm.submit.fields import MAX_SEED, OPTIONS, SIZE_MULTIPLE, SIZE_RANGE, check_field, field_error
@@ -26,7 +27,9 @@ DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUANTIZE_CHOICES = ("none", "int8", "int8-transformer")
 CONDITION_CHOICES = ("none", "hed")
 TIMESTEPS_CHOICES = ("original",)
-DEFAULT_MODEL = "pixart-lcm-1024"  # the release; `farm submit` passes the dataset's model or FARM_DEFAULT_MODEL
+# Settings' default (the release), for SubmitOptions built without a model; `farm submit` passes the dataset's
+# model or FARM_DEFAULT_MODEL.
+DEFAULT_MODEL = str(Settings.__dataclass_fields__["default_model"].default)
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,28 @@ class SubmitResult:
     plan: Plan | None = field(default=None, repr=False, compare=False)
 
 
-def choose_model(settings: Settings, dataset: str, model: str | None, *, engine: Engine | None = None) -> str:
-    """`--model` as given; else the dataset's own model (a submit into a dataset adds to its model); else the
-    configured default (FARM_DEFAULT_MODEL, the PixArt-δ release). Reads the job store, if there is one yet."""
+def choose_model(
+    settings: Settings,
+    dataset: str,
+    model: str | None,
+    *,
+    controlnet: str | None = None,
+    engine: Engine | None = None,
+    read_store: bool = True,
+) -> str | None:
+    """`--model` as given; None when a controlnet profile names its own base model (the plan takes it); else the
+    dataset's own model (a submit into a dataset adds to its model); else the configured default
+    (FARM_DEFAULT_MODEL, the PixArt-δ release). Reads the job store, if there is one yet and `read_store` (a dry
+    run reads no database, so it shows the default)."""
+    from farm.profiles import CONTROLNET_PROFILES
+
     if model is not None:
         return model
-    if engine is None and settings.embedded and not Path(settings.database_url.removeprefix("sqlite:///")).is_file():
+    adapter = CONTROLNET_PROFILES.get(controlnet or "")
+    if adapter is not None and adapter.base_model is not None:
+        return None
+    fresh = engine is None and settings.embedded
+    if not read_store or (fresh and not Path(settings.database_url.removeprefix("sqlite:///")).is_file()):
         return settings.default_model  # a fresh machine: no job store, no dataset to follow
     from farm.store.engine import open_store
     from farm.store.queries import dataset_model
