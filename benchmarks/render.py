@@ -1,8 +1,16 @@
 """`farm bench`: the farm against bare diffusers on the same machine, model, prompts and seeds.
 
 (a) a bare PixArtAlphaPipeline loop, one prompt per call; (b) the same in batches of B; (c) the whole farm:
-submit → broker → `farm worker` process(es) → storage → every job succeeded. Each side loads its model and
-renders a warm-up first, so start-up is not counted; the farm's clock starts at submit.
+submit → the workers' dispatcher → broker → `farm worker` process(es) → storage → every job succeeded. Each side
+loads its model and renders a warm-up first, so start-up is not counted; the farm's clock starts when the submit
+starts (reading and validating the prompts included) and stops when the last job's object is confirmed.
+
+--model takes any model the farm takes: a profile (bench-small and tiny are built offline on first use), a local
+diffusers folder or a hub id. Both sides sample it the way the worker does: a released profile with its release
+sampler, anything else with the scheduler its folder ships, at the sampler's default guidance.
+
+The farm side runs its own workers, whose control loop must lead the store's dispatcher: use a store no other
+`farm worker` uses (the embedded default, or a database of its own).
 """
 
 from __future__ import annotations
@@ -20,15 +28,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from farm.dispatch.broker import make_celery
-from farm.dispatch.publish import dispatch_pending
-from farm.profiles import model_source
+from farm.errors import UserError
+from farm.profiles import PROFILES, model_source, resolve_model
 from farm.secrets import redact
 from farm.settings import Settings
+from farm.store.control import leader_alive
 from farm.store.engine import open_store
 from farm.store.schema import Job, JobStatus
 from farm.submit.plan import SubmitOptions, plan_submission
-from farm.submit.record import record
+from farm.submit.run import submit_plan
 
 Progress = Callable[[str], None]
 
@@ -69,12 +77,20 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure (a), (b) and (c) in one run; returns every figure (farm bench --json writes it)."""
     source = ensure_model(settings, model)
+    choice = resolve_model(source if model not in PROFILES else model, settings)
+    profile = PROFILES.get(model)
+    # As the worker loads it (workers/caches.py): a released profile's sampler, else the folder's own scheduler.
+    sampler = profile.sampler.name if profile is not None and profile.sampler is not None else None
+    guidance = choice.sampler.default_guidance
     items = bench_prompts(prompts)
-    bare = _bare(source, items, batch_size, width, height, num_inference_steps, progress)
-    farm = _farm(settings, model, items, batch_size, workers, width, height, num_inference_steps, progress)
+    bare = _bare(source, sampler, guidance, items, batch_size, width, height, num_inference_steps, progress)
+    farm = _farm(settings, model, guidance, items, batch_size, workers, width, height, num_inference_steps, progress)
     a, b, c = bare["a_images_per_s"], bare["b_images_per_s"], farm["images_per_s"]
     return {
         "model": model,
+        "source": source,
+        "sampler": sampler or "the folder's own",
+        "guidance_scale": guidance,
         "prompts": prompts,
         "batch_size": batch_size,
         "workers": workers,
@@ -95,6 +111,8 @@ def run_bench(
 
 def _bare(
     source: str,
+    sampler: str | None,
+    guidance: float,
     items: list[tuple[str, int]],
     batch: int,
     width: int | None,
@@ -105,11 +123,12 @@ def _bare(
     import torch
     from diffusers import PixArtAlphaPipeline
 
-    from models.scheduler import pixart_lcm_scheduler
+    from models.scheduler import release_scheduler
 
-    # Bare diffusers, as a user would write it: no farm code on this side.
+    # Bare diffusers, as a user would write it: no farm code on this side but the released scheduler's settings.
     pipe = PixArtAlphaPipeline.from_pretrained(source)
-    pipe.scheduler = pixart_lcm_scheduler()
+    if sampler is not None:
+        pipe.scheduler = release_scheduler(sampler)
     pipe.set_progress_bar_config(disable=True)
     native = pipe.transformer.config.sample_size * 8
     w, h = width or native, height or native
@@ -121,7 +140,7 @@ def _bare(
                 prompt=[p for p, _ in chunk],
                 generator=[torch.Generator().manual_seed(s) for _, s in chunk],
                 num_inference_steps=steps,
-                guidance_scale=0.0,
+                guidance_scale=guidance,
                 width=w,
                 height=h,
                 use_resolution_binning=binning,
@@ -153,6 +172,7 @@ def _bare(
 def _farm(
     settings: Settings,
     model: str,
+    guidance: float,
     items: list[tuple[str, int]],
     batch: int,
     workers: int,
@@ -164,7 +184,12 @@ def _farm(
     tag = uuid.uuid4().hex[:8]
     settings = replace(settings, queue=f"bench-{tag}", batch_size=batch)
     engine = open_store(settings)
-    app = make_celery(settings)
+    if leader_alive(engine):
+        raise UserError(
+            "another `farm worker` leads this job store's dispatcher, so it would send the benchmark's jobs to its "
+            "own queue: run `farm bench` on a store of its own (FARM_HOME for the embedded default, or another "
+            "FARM_DATABASE_URL)"
+        )
     workdir = settings.home / "bench" / tag
     workdir.mkdir(parents=True, exist_ok=True)
     env = _worker_env(settings)
@@ -182,11 +207,11 @@ def _farm(
         progress(f"(c) farm: starting {workers} worker process(es) and warming them up")
         warm = _submit(
             engine,
-            app,
             settings,
             workdir,
             f"bench-warmup-{tag}",
             model,
+            guidance,
             [(f"warm-up {i}", i) for i in range(batch * workers)],
             width,
             height,
@@ -195,7 +220,7 @@ def _farm(
         _wait(engine, warm, timeout_s=900, procs=procs)
         progress(f"(c) farm: {len(items)} images through submit → broker → worker → storage")
         started = time.perf_counter()
-        dataset_id = _submit(engine, app, settings, workdir, f"bench-{tag}", model, items, width, height, steps)
+        dataset_id = _submit(engine, settings, workdir, f"bench-{tag}", model, guidance, items, width, height, steps)
         _wait(engine, dataset_id, timeout_s=3600, procs=procs)
         seconds = time.perf_counter() - started
     finally:
@@ -217,24 +242,25 @@ def _farm(
 
 def _submit(
     engine: Any,
-    app: Any,
     settings: Settings,
     workdir: Path,
     name: str,
     model: str,
+    guidance: float,
     items: list[tuple[str, int]],
     width: int | None,
     height: int | None,
     steps: int,
 ) -> int:
+    """What `farm submit` does (read, validate, record); the workers' dispatcher sends the jobs."""
     path = workdir / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in items))
-    plan = plan_submission(
-        path, SubmitOptions(dataset=name, model=model, width=width, height=height, num_inference_steps=steps)
+    options = SubmitOptions(
+        dataset=name, model=model, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance
     )
-    recorded = record(engine, plan)
-    dispatch_pending(engine, app, settings, dataset_id=recorded.dataset_id)
-    return recorded.dataset_id
+    result = submit_plan(settings, plan_submission(path, options), engine=engine)
+    assert result.dataset_id is not None
+    return result.dataset_id
 
 
 def _wait(engine: Any, dataset_id: int, *, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:

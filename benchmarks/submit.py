@@ -1,4 +1,5 @@
-"""`farm bench submit`: time submit + dispatch of many prompts, and `farm status` on a million-job dataset."""
+"""`farm bench submit`: time `farm submit` of many prompts (read, validate, record) and the leader's first top-up of
+the broker's window, `farm status` on a million-job dataset, and (--backlog-jobs) the pending-per-pool count."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from farm.dispatch.broker import make_celery
 from farm.dispatch.publish import dispatch_pending
 from farm.secrets import redact
 from farm.settings import Settings
+from farm.store import control
 from farm.store.engine import open_store
 from farm.store.queries import dataset_status
 from farm.store.schema import Dataset, Job, JobStatus, utcnow
@@ -47,19 +49,24 @@ def bench_submit(
     prompts: int = 100_000,
     status_jobs: int = 1_000_000,
     status_runs: int = 7,
+    backlog_jobs: int = 0,
     workdir: Path,
     keep: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure submit + dispatch of `prompts` prompts and `farm status` on `status_jobs` jobs; return figures."""
+    """Measure submit of `prompts` prompts (and the first window sent), `farm status` on `status_jobs` jobs and,
+    with `backlog_jobs`, counting that many pending jobs per pool; return figures."""
     say = progress or (lambda _line: None)
     tag = uuid.uuid4().hex[:12]
     settings = dataclasses.replace(settings, queue=f"bench-{tag}")
     engine = open_store(settings)
-    names = [f"bench-submit-{tag}", f"bench-status-{tag}"]
+    names = [f"bench-submit-{tag}", f"bench-status-{tag}", f"bench-backlog-{tag}"]
+    backlog: dict[str, Any] | None = None
     try:
         submit = _bench_submit(engine, settings, names[0], prompts, Path(workdir), keep, say)
         status = _bench_status(engine, settings, names[1], status_jobs, status_runs, say)
+        if backlog_jobs:
+            backlog = _bench_backlog(engine, settings, names[2], backlog_jobs, say)
         if not keep:
             started = time.perf_counter()
             for name in names:
@@ -73,19 +80,24 @@ def bench_submit(
         raise
     finally:
         engine.dispose()
-    return {
+    figures = {
         "store": redact(settings.database_url),
         "broker": redact(settings.broker_url),
         "submit": submit,
         "status": status,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
+    if backlog is not None:
+        figures["backlog"] = backlog
+    return figures
 
 
 def _bench_submit(
     engine: Engine, settings: Settings, name: str, prompts: int, workdir: Path, keep: bool, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Time plan_submission, record and dispatch_pending for a file of distinct prompts; purge the queue after."""
+    """Time what `farm submit` does for a file of distinct prompts (plan_submission, record), then the first
+    dispatch_pending the leader runs on them (a window: no worker is alive here, so one worker's share); purge the
+    queue after."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{name}.txt"
     path.write_text("".join(f"bench prompt {i}: a lighthouse at dusk, watercolor\n" for i in range(prompts)))
@@ -104,7 +116,7 @@ def _bench_submit(
         app.close()
         if not keep:
             path.unlink(missing_ok=True)
-    total = t3 - t0
+    total = t2 - t0  # `farm submit` returns here; the leader's dispatcher sends the window
     figures = {
         "dataset": name,
         "prompts": prompts,
@@ -114,15 +126,15 @@ def _bench_submit(
         "batch_size": settings.batch_size,
         "plan_s": round(t1 - t0, 3),
         "record_s": round(t2 - t1, 3),
-        "dispatch_s": round(t3 - t2, 3),
+        "dispatch_s": round(t3 - t2, 3),  # the leader's first top-up, not part of the submit
         "total_s": round(total, 3),
         "prompts_per_s": round(prompts / total, 1) if total > 0 else None,
         "dispatch_us_per_message": round((t3 - t2) / sent.tasks * 1e6, 1) if sent.tasks else None,
         "purged_messages": purged,
     }
     say(
-        f"submit: plan {figures['plan_s']} s, record {figures['record_s']} s, dispatch {figures['dispatch_s']} s "
-        f"({sent.tasks} tasks), total {figures['total_s']} s"
+        f"submit: plan {figures['plan_s']} s, record {figures['record_s']} s, total {figures['total_s']} s; "
+        f"first window: {sent.jobs} jobs in {sent.tasks} tasks in {figures['dispatch_s']} s"
     )
     return figures
 
@@ -195,18 +207,20 @@ def _time_status(engine: Engine, name: str, runs: int) -> list[float]:
     return sorted(times)
 
 
-def _insert_jobs(conn: Connection, ds_id: int, name: str, count: int) -> None:
-    """COPY on PostgreSQL, executemany in chunks on SQLite, all in the caller's transaction."""
+def _insert_jobs(conn: Connection, ds_id: int, name: str, count: int, *, pending: bool = False) -> None:
+    """COPY on PostgreSQL, executemany in chunks on SQLite, all in the caller's transaction. `pending`: every job
+    pending, with one of six render keys (model and size), instead of the mixed states."""
+    rows = _pending_rows if pending else _job_rows
     if conn.dialect.name == "postgresql":
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f"COPY jobs ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
-            for row in _job_rows(ds_id, name, count, lambda moment: moment):
+            for row in rows(ds_id, name, count, lambda moment: moment):
                 copy.write_row(row)
         return
     # The text SQLAlchemy stores for a UTC timestamp on SQLite, so range filters compare correctly.
     sql = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
     chunk: list[tuple[Any, ...]] = []
-    for row in _job_rows(ds_id, name, count, lambda moment: moment.strftime("%Y-%m-%d %H:%M:%S.%f")):
+    for row in rows(ds_id, name, count, lambda moment: moment.strftime("%Y-%m-%d %H:%M:%S.%f")):
         chunk.append(row)
         if len(chunk) == _SQLITE_CHUNK:
             conn.exec_driver_sql(sql, chunk)
@@ -243,6 +257,19 @@ def _job_rows(ds_id: int, name: str, count: int, stamp: Callable[[datetime], Any
         )  # fmt: skip
 
 
+def _pending_rows(ds_id: int, name: str, count: int, stamp: Callable[[datetime], Any]) -> Iterator[tuple[Any, ...]]:
+    """Pending rows in _COLUMNS order, spread over six (model, size) render keys."""
+    created = stamp(utcnow() - timedelta(hours=1))
+    keys = [(model, size) for model in ("tiny", "bench-small") for size in (64, 128, 256)]
+    for i in range(count):
+        job_id = hashlib.md5(f"{name}\0{i}".encode()).hexdigest()
+        model, size = keys[i % len(keys)]
+        yield (
+            job_id, ds_id, i + 1, f"bench prompt {i}", i, size, size, 4, 0.0, model, JobStatus.PENDING.value, 0,
+            None, created, None, None, None, None, None, None, None, None,
+        )  # fmt: skip
+
+
 def _time_cli(settings: Settings, name: str) -> tuple[float, int | None]:
     """Wall time of one `python -m farm status NAME --json` process, and the total it printed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
@@ -266,6 +293,42 @@ def _time_cli(settings: Settings, name: str) -> tuple[float, int | None]:
         raise RuntimeError(f"`farm status {name} --json` exited {done.returncode}: {done.stderr.strip()[-500:]}")
     [status] = json.loads(done.stdout)  # `farm status NAME --json`: an array holding that one dataset
     return elapsed, status.get("total")
+
+
+def _bench_backlog(
+    engine: Engine, settings: Settings, name: str, jobs: int, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Bulk-insert `jobs` pending rows of six render keys, then time the leader's pending-per-pool count (3 runs)
+    and one `farm status --json` process that reports it."""
+    from farm.dispatch.backlog import count_backlog, refresh_backlog
+    from farm.dispatch.routing import Router
+
+    say(f"backlog: inserting {jobs} pending jobs into dataset {name}")
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        conn.execute(insert(Dataset).values(name=name, created_at=utcnow()))
+        ds_id = int(conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar_one())
+        _insert_jobs(conn, ds_id, name, jobs, pending=True)
+    insert_s = time.perf_counter() - started
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE jobs"))
+    router = Router.load(engine, settings)
+    times = sorted(count_backlog(engine, router).seconds * 1000 for _ in range(3))
+    holder = f"bench#{name}"
+    refresh_backlog(engine, settings, holder=holder, ttl_s=60, router=router)  # what `farm status --json` shows
+    cli_ms, _total = _time_cli(settings, name)
+    with engine.begin() as conn:  # a leader of this store counts again at its next round
+        control.give_up(conn, control.BACKLOG, holder=holder)
+    figures = {
+        "dataset": name,
+        "jobs": jobs,
+        "insert_s": round(insert_s, 3),
+        "count_ms": [round(t, 1) for t in times],
+        "cli_ms": round(cli_ms, 1),
+    }
+    say(f"backlog: counted per pool in {times[1]:.0f} ms (median of 3); `farm status --json` {cli_ms:.0f} ms")
+    return figures
 
 
 def _drop_dataset(engine: Engine, name: str) -> None:

@@ -108,16 +108,18 @@ class Client:
         dataset: str,
         *,
         vary: Vary | None = None,
-        dispatch: bool = True,
+        dispatch: bool = False,
         dry_run: bool = False,
         control_dir: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> SubmitResult:
-        """Validate every prompt, then record and dispatch the jobs, as `farm submit` does.
+        """Validate every prompt, then record the jobs, as `farm submit` does: running workers send them to the
+        broker within a second (dispatch=True also publishes a window now, as `farm submit --dispatch`).
 
         prompts: a path to a .txt/.jsonl/.csv/.parquet file, or a list of prompt strings or of dicts with the
         fields a .jsonl line may have. options: model, width, height, steps (num_inference_steps),
-        guidance_scale, images_per_prompt, seed, control_image, controlnet, conditioning_scale, quantize.
+        guidance_scale, images_per_prompt, seed, control_image, controlnet, conditioning_scale, quantize, and the
+        acceptance rules accept, max_tries, min_clip_score, min_aesthetic, safety, dedup, keep_rejected, scorer.
         vary: ["seed=0..7", "size=1024x1024,768x1344"] or {"seed": range(8), "size": [(1024, 1024)]}.
         A bad value raises InvalidSubmission and writes nothing; dry_run=True only plans (result.plan).
         control_dir: the folder control_image paths in the rows (or in the file, besides its own folder) may name.
@@ -140,7 +142,7 @@ class Client:
         return submit_plan(self.settings, plan, dispatch=dispatch, dry_run=dry_run, engine=engine)
 
     def dispatch(self, dataset: str | None = None) -> Dispatched:
-        """Publish pending jobs (after a broker outage, or submit(dispatch=False)), as `farm dispatch`."""
+        """Publish a window of pending jobs now, as `farm dispatch` (workers' dispatcher does it on its own)."""
         from farm.submit.run import dispatch_dataset
 
         ds_id = dataset_id(self.engine, dataset) if dataset is not None else None
@@ -232,6 +234,7 @@ class Client:
             self.settings, dataset, options.get("model"), controlnet=options.get("controlnet"), engine=self._engine
         )
         options.setdefault("hed_weights", self.settings.hed_weights_path)
+        options.setdefault("scorer", self.settings.default_scorer)
         return SubmitOptions(
             dataset=dataset,
             vary=_vary_texts(vary),

@@ -35,6 +35,10 @@ class JobSpec:
     negative_prompt: str | None = None  # for models sampled with classifier-free guidance (guidance_scale > 1)
     control_preprocess: str | None = None  # "hed:<sha256 of the HED weights>": the worker derives the condition
     timesteps: str | None = None  # "original": the original repository's LCM timesteps instead of diffusers'
+    # Yield-targeted lines (revision 0011), not hashed: NULL for a job without acceptance rules.
+    scorer: str | None = None  # the scorer profile that scores the image on the worker (farm/profiles.py)
+    line_id: str | None = None  # the line's try 0's job id: every try of one prompt line shares it
+    try_index: int | None = None  # which try of its line this job is (0 .. max_tries - 1)
 
     def id_in(self, dataset: str) -> str:
         """The job's id in ``dataset``, deterministic: the same image asked for twice in a dataset is one job."""
@@ -77,6 +81,7 @@ RENDER_GROUP_FIELDS = (
     "quantize",
     "control_preprocess",
     "timesteps",
+    "scorer",
 )
 
 
@@ -119,7 +124,36 @@ EXPORT_FIELDS: tuple[ExportField, ...] = (
     ExportField("sha256", "sha256"),
     ExportField("bytes", "bytes"),
     ExportField("recipe", "recipe"),  # how the worker sampled it (JSON): sampler, config, noise, T5 precision
+    # Scores and the verdict (revision 0011): NULL where the image was not scored or its line has no rules.
+    ExportField("clip_score", "clip_score"),
+    ExportField("aesthetic_score", "aesthetic_score"),
+    ExportField("nsfw", "nsfw"),
+    ExportField("verdict", "verdict"),
+    ExportField("verdict_reason", "verdict_reason"),
     ExportField("worker", "worker"),
     ExportField("render_seconds", "render_ms"),  # milliseconds in the row, seconds in the export
     ExportField("finished_at", "finished_at"),  # ISO 8601, UTC
 )
+
+
+def derive_seed(base_seed: int, prompt: str, occurrence: int, index: int) -> int:
+    """A per-image seed from the base seed, the prompt, which repeat of it this is and the image (or try) index.
+
+    Deterministic, so a resubmitted file maps onto the same jobs; moving repeats of one prompt around swaps which
+    repeat gets which seed. Try k of a yield-targeted line takes index k, so its tries 0 .. N-1 are the same jobs
+    as `images_per_prompt` N, and a worker derives the seed of each follow-up try the same way.
+    """
+    digest = hashlib.sha256(f"{base_seed}\0{prompt}\0{occurrence}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a worker's scorers said about one image (workers/caches.py), recorded with its result."""
+
+    pixel_sha256: str  # sha256 of the decoded pixels: exact duplicates, whatever the PNG's metadata
+    clip_score: float | None = None  # 100 * max(cos(image, prompt), 0)
+    aesthetic_score: float | None = None  # the LAION improved aesthetic predictor's 1-10 scale
+    nsfw: bool | None = None  # the safety checker's flag
+    embedding: bytes | None = None  # the unit CLIP image embedding, float16 little-endian
+    models: str | None = None  # JSON: which scorer models ({"clip": ..., "aesthetic": ..., "safety": ...})

@@ -307,3 +307,75 @@ def controlnet_source(name: str, settings: Settings) -> str:
     """What a worker passes to models.controlnet.load_controlnet for a job's stored controlnet string."""
     profile = CONTROLNET_PROFILES.get(name)
     return profile.source(settings) if profile else name
+
+
+# ---- Scorers ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScorerProfile:
+    """The models that score a yield-targeted line's images on the worker (models/scoring.py).
+
+    One CLIP forward pass gives the image embedding every score uses: the CLIP score against the prompt, the
+    aesthetic predictor (an MLP on that embedding) and the safety checker's concept distances.
+    """
+
+    name: str
+    clip: str | None  # hub ids; None: local only (FARM_HOME/models/NAME/{clip,aesthetic,safety})
+    aesthetic: str | None
+    safety: str | None
+    note: str
+
+    def sources(self, settings: Settings) -> dict[str, str]:
+        """Each part's source: a local copy under FARM_HOME/models/NAME/PART wins over the hub id."""
+        local = settings.models_dir / self.name
+        parts = {"clip": self.clip, "aesthetic": self.aesthetic, "safety": self.safety}
+        found: dict[str, str] = {}
+        for part, hub_id in parts.items():
+            if (local / part).exists() or (hub_id is None and part == "clip"):
+                found[part] = str(local / part)
+            elif hub_id is not None:
+                found[part] = hub_id
+        return found
+
+
+SCORER_PROFILES: dict[str, ScorerProfile] = {
+    p.name: p
+    for p in (
+        ScorerProfile(
+            "clip-l14",
+            "openai/clip-vit-large-patch14",
+            "camenduru/improved-aesthetic-predictor",
+            "CompVis/stable-diffusion-safety-checker",
+            "CLIP ViT-L/14, the LAION improved aesthetic predictor, the Stable Diffusion safety checker",
+        ),
+        ScorerProfile(
+            "tiny-scorer",
+            None,
+            None,
+            None,
+            "random tiny CLIP, aesthetic and safety models for tests (`farm models make-tiny-scorer`)",
+        ),
+    )
+}
+
+
+def scorer_sources(name: str, settings: Settings) -> dict[str, str]:
+    """What a worker loads for a job's scorer: a profile's parts, or a folder holding clip/ (aesthetic/, safety/)."""
+    profile = SCORER_PROFILES.get(name)
+    if profile is not None:
+        return profile.sources(settings)
+    folder = Path(name).expanduser()
+    return {part: str(folder / part) for part in ("clip", "aesthetic", "safety") if (folder / part).exists()}
+
+
+def check_scorer(name: str) -> str:
+    """A scorer `--scorer` may name: a profile, or a local folder with a clip/ model in it."""
+    if name in SCORER_PROFILES or (Path(name).expanduser() / "clip").is_dir():
+        return name
+    known = ", ".join(SCORER_PROFILES)
+    raise InvalidSubmission(
+        f"unknown scorer (profiles: {known}; or a folder holding clip/, aesthetic/ and safety/), got {name!r}",
+        field="scorer",
+        value=name,
+    )

@@ -25,7 +25,9 @@ _INT_FIELDS = {
     "control_image_max_bytes",
     "max_line_bytes",
 }
-_FLOAT_FIELDS = {"render_deadline_s", "shutdown_grace_s"}
+_FLOAT_FIELDS = {"render_deadline_s", "shutdown_grace_s", "peak_tflops"}
+# What `--renderer` / FARM_RENDERER accept; the first is the default.
+RENDERERS = ("pixart", "null")
 # Fields that only the config file sets (tables, and which file it was), never a FARM_* variable.
 _FROM_FILE = {"pools", "config_file"}
 
@@ -53,7 +55,15 @@ class Settings:
     render_deadline_s: float = 900.0
     device: str = "auto"
     dtype: str = "auto"
-    # Jobs each broker queue holds at most; the control loop tops the window up as workers drain it.
+    # The GPU fast path each loaded pipeline gets (models/fastpath.py, README "Fast path"): comma-separated items on
+    # top of the device's safe defaults, e.g. "compile=max-autotune"; "none" is plain eager.
+    fast_path: str = "default"
+    # Where torch.compile keeps compiled code, so a machine compiles once; empty: FARM_HOME/models/compile-cache.
+    compile_cache: str = ""
+    # The bf16 peak (TFLOP/s) a worker's MFU is measured against; 0: models/flops.py's table by GPU name.
+    peak_tflops: float = 0.0
+    # The most queued jobs a broker queue holds: its window is sized from the live workers that consume it
+    # (farm/dispatch/routing.py, Router.window), and the control loop tops it up as they drain it.
     dispatch_window: int = 1024
     # On SIGTERM a worker finishes what fits in this many seconds, hands the rest back, and exits.
     shutdown_grace_s: float = 30.0
@@ -62,6 +72,11 @@ class Settings:
     max_line_bytes: int = 1 << 20
     # The HED network's weights (ControlNetHED.pth) for `--condition hed`; empty: under FARM_HOME/models/hed/.
     hed_weights: str = ""
+    # What a worker renders with: "pixart" (the model), or "null", a stand-in that makes synthetic images at once
+    # (models/null.py) to measure the farm itself. Only `--renderer null`, FARM_RENDERER or a pool choose it.
+    renderer: str = "pixart"
+    # The scorer profile (farm/profiles.py) of lines whose acceptance rules need scores, unless `--scorer` names one.
+    default_scorer: str = "clip-l14"
     # `[pools.NAME]` tables of farm.toml: pool name → the options it sets (POOL_KEYS), read with everything else.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     config_file: Path | None = None  # the farm.toml the settings and pools came from, if any
@@ -75,6 +90,14 @@ class Settings:
     def models_dir(self) -> Path:
         """Where `farm models make-tiny` writes by default and where profiles look for local copies."""
         return self.home / "models"
+
+    @property
+    def compile_cache_path(self) -> Path:
+        """Where torch.compile's cache lives: FARM_COMPILE_CACHE, or FARM_HOME/models/compile-cache (the models
+        volume), so every worker on the machine reuses what the first one compiled."""
+        if self.compile_cache:
+            return Path(self.compile_cache).expanduser()
+        return self.models_dir / "compile-cache"
 
     @property
     def hed_weights_path(self) -> Path:
@@ -191,6 +214,9 @@ POOL_KEYS: dict[str, type] = {
     "max_pixels": int,
     "quantize": list,
     "task_jobs": int,
+    "fast_path": str,
+    "renderer": str,  # "null" only for benchmarks (models/null.py)
+    "scorers": list,  # the scorer profiles this pool's workers load; without the key a pool scores nothing
 }
 
 
@@ -250,3 +276,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"shutdown_grace_s must be at least 0, got {s.shutdown_grace_s}")
     if not (math.isfinite(s.render_deadline_s) and s.render_deadline_s >= 0):
         raise ConfigError(f"render_deadline_s must be at least 0 (0: no deadline), got {s.render_deadline_s}")
+    if not (math.isfinite(s.peak_tflops) and s.peak_tflops >= 0):
+        raise ConfigError(f"peak_tflops must be at least 0 (0: by GPU name), got {s.peak_tflops}")
+    if s.renderer not in RENDERERS:
+        raise ConfigError(f"renderer must be one of {', '.join(RENDERERS)}, got {s.renderer!r}")

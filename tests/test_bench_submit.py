@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from benchmarks.submit import bench_submit
+from farm.dispatch.routing import WINDOW_TASKS
 from farm.settings import Settings, load_settings
 from farm.store.engine import make_engine
 from farm.store.schema import Dataset, Job
@@ -19,13 +19,16 @@ STATUS_JOBS = 5_000
 RUNS = 3
 
 
-def _run(settings: Settings, workdir: Path, keep: bool = False) -> tuple[dict[str, Any], list[str]]:
+def _run(
+    settings: Settings, workdir: Path, keep: bool = False, backlog_jobs: int = 0
+) -> tuple[dict[str, Any], list[str]]:
     lines: list[str] = []
     result = bench_submit(
         settings,
         prompts=PROMPTS,
         status_jobs=STATUS_JOBS,
         status_runs=RUNS,
+        backlog_jobs=backlog_jobs,
         workdir=workdir,
         keep=keep,
         progress=lines.append,
@@ -34,10 +37,12 @@ def _run(settings: Settings, workdir: Path, keep: bool = False) -> tuple[dict[st
 
 
 def _check_figures(result: dict[str, Any], settings: Settings) -> None:
-    assert set(result) == {"store", "broker", "submit", "status", "machine"}
+    assert {"store", "broker", "submit", "status", "machine"} <= set(result) <= {*result, "backlog"}
     submit, status = result["submit"], result["status"]
-    assert submit["prompts"] == submit["jobs"] == submit["dispatched_jobs"] == PROMPTS
-    assert submit["tasks"] == math.ceil(PROMPTS / settings.batch_size)
+    assert submit["prompts"] == submit["jobs"] == PROMPTS
+    # Submit records; the leader's first top-up sends a window: with no live worker, one worker's share.
+    assert submit["dispatched_jobs"] == WINDOW_TASKS * settings.batch_size
+    assert submit["tasks"] == WINDOW_TASKS
     assert submit["purged_messages"] == submit["tasks"]
     for key in ("plan_s", "record_s", "dispatch_s", "total_s", "prompts_per_s", "dispatch_us_per_message"):
         assert submit[key] >= 0
@@ -83,8 +88,10 @@ def _sqlite_queue_size(broker_url: str, queue: str) -> int:
 
 def test_embedded_default(tmp_path: Path) -> None:
     settings = load_settings({}, home=str(tmp_path / "home"))
-    result, lines = _run(settings, tmp_path / "work")
+    result, lines = _run(settings, tmp_path / "work", backlog_jobs=600)
     _check_figures(result, settings)
+    backlog = result["backlog"]
+    assert backlog["jobs"] == 600 and len(backlog["count_ms"]) == 3 and backlog["cli_ms"] > 0
     assert result["store"].startswith("sqlite:///") and result["broker"].startswith("sqla+sqlite:///")
     assert lines, "progress was never called"
     assert _bench_datasets(settings.database_url) == {}

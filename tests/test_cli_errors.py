@@ -158,7 +158,10 @@ def test_redis_unreachable_on_submit_exits_3_and_the_jobs_wait_as_pending(tmp_pa
     (tmp_path / "p.txt").write_text(PROMPTS, encoding="utf-8")
     broker = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
     env = farm_env(FARM_HOME=str(tmp_path / "home"), FARM_BROKER_URL=broker)
-    result = run_farm(["submit", str(tmp_path / "p.txt"), "--dataset", "doors"], env)
+    recorded = run_farm(["submit", str(tmp_path / "p.txt"), "--dataset", "first"], env)
+    assert recorded.returncode == 0, recorded.stderr  # a plain submit only records: it never needs the broker
+    assert "3 new jobs" in recorded.stdout and "hunter2-secret" not in recorded.stdout + recorded.stderr
+    result = run_farm(["submit", str(tmp_path / "p.txt"), "--dataset", "doors", "--dispatch"], env)
     assert result.returncode == 3, result.stderr
     assert "3 new jobs" in result.stdout  # recorded before the broker was tried
     line = _error_line(result.stderr)
@@ -270,7 +273,7 @@ def test_farm_submits_started_together_on_a_fresh_home_all_succeed(tmp_path: Pat
     names = [f"d{i}" for i in range(4)]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "farm", "submit", str(tmp_path / "p.txt"), "--dataset", name],
+            [sys.executable, "-m", "farm", "submit", str(tmp_path / "p.txt"), "--dataset", name, "--dispatch"],
             env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,

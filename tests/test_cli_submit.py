@@ -78,7 +78,7 @@ def test_submit_records_then_resubmit_adds_nothing(home: Path, prompts: Path) ->
     first = _farm(home, "submit", str(prompts), "--dataset", "d", "--no-dispatch")
     assert first.exit_code == 0, first.output
     assert f"dataset d: {N} new jobs, 0 already present" in first.output
-    assert "not dispatched" in first.output
+    assert "no worker is running: the jobs wait as pending" in first.output
     assert (home / "farm.db").is_file()
     assert _counts(home) == (1, N)
 

@@ -46,16 +46,19 @@ def test_import_farm_stays_light() -> None:
     assert out.splitlines() == ["[]", "False farm.client"]
 
 
-def test_submit_a_list_dispatches_and_counts(client: Client) -> None:
+def test_submit_a_list_records_and_counts(client: Client) -> None:
     result = client.submit(["a red fox", {"prompt": "a cat", "seed": 7}, "a whale"], "notebook", width=256, height=256)
     assert (result.planned, result.jobs, result.new_jobs, result.already_present) == (3, 3, 3, 0)
-    assert (result.dispatched, result.tasks) == (3, 1)  # one size, one model: one task
+    assert result.dispatched is None  # recorded only: the workers' dispatcher sends them
     status = client.status("notebook")
-    assert status.counts[JobStatus.QUEUED.value] == 3
+    assert status.counts[JobStatus.PENDING.value] == 3
     assert status.total == 3 and not status.done
 
-    again = client.submit(["a red fox", {"prompt": "a cat", "seed": 7}, "a whale"], "notebook", width=256, height=256)
-    assert (again.new_jobs, again.already_present, again.dispatched) == (0, 3, 0)
+    again = client.submit(
+        ["a red fox", {"prompt": "a cat", "seed": 7}, "a whale"], "notebook", width=256, height=256, dispatch=True
+    )
+    assert (again.new_jobs, again.already_present, again.dispatched, again.tasks) == (0, 3, 3, 1)  # one task
+    assert client.status("notebook").counts[JobStatus.QUEUED.value] == 3
 
 
 def test_submit_a_grid_without_dispatch(client: Client) -> None:
@@ -64,8 +67,10 @@ def test_submit_a_grid_without_dispatch(client: Client) -> None:
     )
     assert (result.planned, result.new_jobs, result.dispatched) == (24, 24, None)
     assert client.status("grid").counts[JobStatus.PENDING.value] == 24
-    assert client.dispatch("grid").jobs == 24
-    assert client.status("grid").counts[JobStatus.QUEUED.value] == 24
+    # A window: with no live worker, one worker's share (two tasks of FARM_BATCH_SIZE, 8); the rest wait for room.
+    sent = client.dispatch("grid")
+    assert (sent.jobs, sent.waiting) == (16, True)
+    assert client.status("grid").counts[JobStatus.QUEUED.value] == 16
 
 
 def test_submit_a_file_path(client: Client, tmp_path: Path) -> None:
@@ -125,7 +130,7 @@ def test_dry_run_touches_nothing(tmp_path: Path) -> None:
 
 
 def test_images_reads_what_the_storage_holds(client: Client) -> None:
-    client.submit(["a red fox", "a cat", "a whale"], "imgs", width=256, height=256)
+    client.submit(["a red fox", "a cat", "a whale"], "imgs", width=256, height=256, dispatch=True)
     storage = client.storage
     jobs = sorted(client.images("imgs", state="queued"), key=lambda image: image.prompt)
     assert [j.prompt for j in jobs] == ["a cat", "a red fox", "a whale"]
@@ -202,7 +207,7 @@ def test_client_end_to_end_with_a_worker(tmp_path: Path) -> None:
         result = client.submit(
             ["a red cube", {"prompt": "a blue cube", "seed": 3}], "client-e2e", model="tiny", vary=["steps=1,2"]
         )
-        assert (result.new_jobs, result.dispatched) == (4, 4)
+        assert (result.new_jobs, result.dispatched) == (4, None)  # the worker's own dispatcher sends them
         worker = Worker(env, tmp_path / "worker.log")
         try:
             status = client.wait("client-e2e", timeout_s=240, poll_s=0.5)

@@ -79,7 +79,7 @@ def test_upgrading_a_0001_store_keeps_its_jobs_as_plain_jobs(tmp_path: Path) -> 
             text("SELECT id, controlnet, conditioning_scale, control_sha256, control_uri, quantize FROM jobs")
         ).one()
     assert tuple(row) == ("j1", None, None, None, None, None)
-    assert current_revision(engine) == head_revision() == "0010"
+    assert current_revision(engine) == head_revision() == "0011"
     with engine.connect() as conn:  # and the dataset survived the later migrations, unpaused
         assert tuple(conn.execute(text("SELECT name, paused FROM datasets")).one()) == ("d", 0)
         assert tuple(conn.execute(text("SELECT claim_seq, queue, queued_at, source_file FROM jobs")).one()) == (
@@ -126,3 +126,15 @@ def test_processes_starting_together_on_a_fresh_home_upgrade_it_once(tmp_path: P
         proc.join(timeout=120)
     assert [proc.exitcode for proc in procs] == [0] * 6
     assert current_revision(make_engine(url)) == head_revision()
+
+
+def test_the_revisions_read_without_alembic_are_alembic_s() -> None:
+    """Every command checks the schema revision; engine.py reads the scripts' text instead of importing alembic."""
+    from alembic.script import ScriptDirectory
+
+    import migrations
+    from farm.store.engine import known_revisions
+
+    script = ScriptDirectory(str(Path(migrations.__file__).parent))
+    assert head_revision() == script.get_current_head()
+    assert known_revisions() == {rev.revision for rev in script.walk_revisions()}

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,8 +21,9 @@ from sqlalchemy.engine import Engine
 
 from farm.dispatch.broker import make_celery
 from farm.dispatch.publish import dispatch_pending, resend_lost
+from farm.dispatch.routing import REFILL_S, WINDOW_TASKS, Router
 from farm.settings import Settings, load_settings
-from farm.store import control, transitions
+from farm.store import control, fleet, transitions
 from farm.store.engine import make_engine
 from farm.store.schema import Control, Dataset, Job, JobStatus, utcnow
 from tests.support.jobs import insert_jobs
@@ -102,7 +106,8 @@ def test_two_dispatchers_at_once_never_send_one_job_twice(
     for thread in threads:
         thread.join(timeout=120)
     sent = _queued_ids(redis_url, queue_name)
-    assert sum(results) == sum(sent.values()) == settings.dispatch_window  # the window, taken once between them
+    # The window (one worker's share: no worker is alive), taken once between them.
+    assert sum(results) == sum(sent.values()) == Router.load(engine, settings).window(queue_name, 4, 1024)
     assert set(sent.values()) == {1} and set(sent) <= set(ids)
 
 
@@ -168,3 +173,109 @@ def test_one_leader_at_a_time_and_another_takes_over_when_it_stops_renewing(engi
     warning = control.silence_warning(engine, 600, unfinished=True)
     assert warning is not None and "has not run for 6" in warning
     assert control.silence_warning(engine, 600, unfinished=False) is None
+
+
+def _beat(engine: Engine, name: str, *, pool: str | None = None, images_per_s: float = 0.0) -> None:
+    with engine.begin() as conn:
+        fleet.beat(conn, fleet.Heartbeat(name, pool, "host", 1, "cpu", None, {}, 0, images_per_s, utcnow()))
+
+
+def test_the_window_is_sized_from_the_live_workers(
+    tmp_path: Path, engine: Engine, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    settings = _settings(tmp_path, own_pg_url, redis_url, queue_name)  # tasks of 4 jobs
+    _jobs(engine, 200)
+    app = make_celery(settings)
+    # No live worker: one worker's share, WINDOW_TASKS tasks.
+    assert dispatch_pending(engine, app, settings).jobs == WINDOW_TASKS * 4
+    # Two workers: two shares; one renders 10 images/s, so it gets what it renders in REFILL_S seconds and a task.
+    _beat(engine, "slow#1")
+    _beat(engine, "fast#2", images_per_s=10.0)
+    router = Router.load(engine, settings)
+    fast = 4 * (1 + math.ceil(10.0 * REFILL_S / 4))
+    assert router.window(queue_name, 4, settings.dispatch_window) == WINDOW_TASKS * 4 + fast
+    assert dispatch_pending(engine, app, settings).jobs == fast  # topped up to the larger window
+    assert _statuses(engine)["queued"] == WINDOW_TASKS * 4 + fast
+    # FARM_DISPATCH_WINDOW caps it.
+    assert router.window(queue_name, 4, 10) == 10
+    # A queue the leader saw drain faster than the heartbeats say (they lag by a beat) gets what it drains in
+    # REFILL_S seconds and a task.
+    router.drains = {queue_name: 25.0}
+    assert router.window(queue_name, 4, 1024) == 4 * (1 + math.ceil(25.0 * REFILL_S / 4))
+
+
+def test_the_leader_sends_new_jobs_and_refills_the_window_between_rounds(
+    tmp_path: Path, engine: Engine, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    from workers.control import ControlLoop
+
+    settings = _settings(tmp_path, own_pg_url, redis_url, queue_name)
+    loop = ControlLoop(engine, make_celery(settings), settings, holder="leader#1")
+    assert loop.run_once()  # leads; nothing to send yet
+    assert loop.tick() == 0  # nothing new, nothing waiting: a tick sends nothing (and costs one index probe)
+    low = insert_jobs(engine, 20, dataset="low")  # what `farm submit` records
+    assert loop.tick() == WINDOW_TASKS * 4  # sent at the next tick, not the next round
+    assert loop.tick() == 0  # the window is full
+    high = insert_jobs(engine, 20, dataset="high")
+    with engine.begin() as conn:
+        conn.execute(update(Dataset).where(Dataset.name == "high").values(priority=9))
+        queued = conn.execute(select(Job.id).where(Job.status == "queued")).scalars().all()
+        assert set(queued) <= set(low)
+        assert len(transitions.claim(conn, queued[:4], worker="w#1", lease_s=60, max_attempts=3)) == 4
+    # Room for a task (and, the queue having drained 4 jobs since the last look, a larger window): the higher
+    # priority goes first.
+    sent = loop.tick()
+    assert sent >= 4 and loop.drains[queue_name] > 0
+    with engine.connect() as conn:
+        queued = set(conn.execute(select(Job.id).where(Job.status == "queued")).scalars())
+    assert len(queued & set(high)) == sent and len(queued & set(low)) == 4
+
+
+def test_the_leader_counts_pending_jobs_per_pool_for_status(
+    tmp_path: Path, engine: Engine, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    from farm.dispatch.backlog import refresh_backlog
+    from farm.store.queries import all_statuses
+
+    pools = {"small": {"models": ["tiny"], "max_pixels": 64 * 64}, "big": {}}
+    settings = replace(_settings(tmp_path, own_pg_url, redis_url, queue_name), pools=pools)
+    insert_jobs(engine, 5, dataset="d")  # 64 px tiny jobs: both pools serve them
+    assert [s.pending_per_pool for s in all_statuses(engine)] == [None]  # nobody has counted them
+    _beat(engine, "w#1", pool="big")  # only "big" is alive: it takes them
+    assert refresh_backlog(engine, settings, holder="leader#1", ttl_s=30) is not None
+    [status] = all_statuses(engine)
+    assert status.pending_per_pool == {"big": 5} and status.as_dict()["pending_per_pool"] == {"big": 5}
+    assert control.pending_per_pool(engine) == {"big": 5, "small": 0}
+    with engine.begin() as conn:
+        conn.execute(update(Dataset).values(paused=True))
+    refresh_backlog(engine, settings, holder="leader#1", ttl_s=30)
+    assert control.pending_per_pool(engine) == {"big": 0, "small": 0}  # paused work is not waiting for a pool
+    assert refresh_backlog(engine, settings, holder="other#2", ttl_s=30) is None  # one counter at a time
+    with engine.begin() as conn:  # the counter stopped long ago
+        conn.execute(
+            update(Control).where(Control.name == control.BACKLOG).values(last_run_at=utcnow() - timedelta(hours=1))
+        )
+    assert control.pending_per_pool(engine) is None
+
+
+def test_a_starting_worker_s_loop_sends_at_once_not_after_a_round(
+    tmp_path: Path, engine: Engine, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    from workers.control import ControlLoop
+
+    settings = _settings(tmp_path, own_pg_url, redis_url, queue_name)  # rounds every 10 s, ticks every second
+    insert_jobs(engine, 4, dataset="waiting")  # recorded while no worker ran
+    loop = ControlLoop(engine, make_celery(settings), settings, holder="starting#1")
+    assert loop.interval_s == 10.0 and loop.tick_s == 1.0
+    started = time.monotonic()
+    loop.start()
+    try:
+        while _statuses(engine).get("queued", 0) < 4 and time.monotonic() - started < 8:
+            time.sleep(0.1)
+        assert _statuses(engine) == {"queued": 4}, "the first round runs as the loop starts"
+        insert_jobs(engine, 3, dataset="later")  # recorded between rounds: sent at a tick
+        while _statuses(engine).get("queued", 0) < 7 and time.monotonic() - started < 9:
+            time.sleep(0.1)
+        assert _statuses(engine) == {"queued": 7} and loop.rounds == 1 and loop.top_ups == 1
+    finally:
+        loop.stop()

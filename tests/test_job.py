@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from sqlalchemy import BigInteger, Float, Integer, select
+from sqlalchemy import BigInteger, Boolean, Float, Integer, select
 from sqlalchemy.engine import Engine
 
 from farm.client import FinishedImage
@@ -123,6 +123,8 @@ def test_a_job_keeps_every_input_through_record_claim_dispatch_and_export(
             assert arrow == "int32", field.name
         elif isinstance(column_type, Float):
             assert arrow == "double", field.name
+        elif isinstance(column_type, Boolean):
+            assert arrow == "bool", field.name
         else:
             assert arrow == "string", field.name
     rows = {row["job_id"]: row for row in table.to_pylist()}

@@ -30,6 +30,8 @@ DATASET_KEYS = {
     "unroutable_reasons",
     "recipes",
     "warnings",
+    "pending_per_pool",
+    "acceptance",
 }
 
 

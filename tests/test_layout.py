@@ -6,7 +6,8 @@
 - models/ imports nothing of ours; workers/ never imports the command line or the benchmarks.
 - The wings (farm's sub-packages and top-level modules, workers, models, benchmarks) import each other without
   a cycle.
-- `import farm.cli`, `farm submit` and `farm status` load no torch.
+- `import farm.cli`, `farm submit` and `farm status` load no torch; `farm status` loads none of the other heavy
+  libraries either (Celery, kombu, boto3, pyarrow, PIL, alembic, rich, numpy): only click and SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -168,3 +169,30 @@ def test_import_cli_submit_and_status_load_no_torch(tmp_path: Path) -> None:
         cwd=REPO,
     )
     assert result.stdout.strip() == "[[], [], []]"
+
+
+# What `farm status` used to load and no longer does: every `farm` command module and its libraries came with it.
+STATUS_NEVER_LOADS = ("celery", "kombu", "boto3", "botocore", "pyarrow", "PIL", "alembic", "rich", "numpy", "redis")
+
+
+def test_status_loads_none_of_the_heavy_libraries(tmp_path: Path) -> None:
+    """`farm status` (and `--json`) imports its own command module and the job store's queries, nothing else."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    home = tmp_path / "home"
+    code = (
+        "import sys\n"
+        "from farm.cli import main\n"
+        "try:\n"
+        "    main(['--home', sys.argv[1], *sys.argv[2:]])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        f"heavy = {STATUS_NEVER_LOADS!r}\n"
+        "print(sorted(m for m in heavy if m in sys.modules), "
+        "sorted(m for m in sys.modules if m.startswith('farm.cli.')))\n"
+    )
+    run = [sys.executable, "-c", code, str(home)]
+    subprocess.run([*run, "submit", str(prompts), "--dataset", "d"], check=True, capture_output=True, cwd=REPO)
+    for args in (["status"], ["status", "--json"], ["status", "d"]):
+        result = subprocess.run([*run, *args], capture_output=True, text=True, check=True, cwd=REPO)
+        assert result.stdout.strip().splitlines()[-1] == "[] ['farm.cli.common', 'farm.cli.status']", args

@@ -54,6 +54,47 @@ def test_metrics_object_counts_renders_errors_and_cache_stats() -> None:
     assert after[("cache_hits_total", (("cache", "prompts"),))] == 7
     assert after[("cache_misses_total", (("cache", "prompts"),))] == 3
     assert after[("cache_entries", (("cache", "prompts"),))] == 3
+    assert not any(name == "farm_pending_jobs" for name, _ in after)  # no backlog source: no figures
+
+    backlog: dict[str, int] | None = None
+    metrics.track_pending(lambda: backlog)
+    assert not any(name == "farm_pending_jobs" for name, _ in _samples(metrics.render_text()))  # not counted yet
+    backlog = {"small-cards": 120, "big-cards": 0}
+    counted = _samples(metrics.render_text())
+    assert counted[("farm_pending_jobs", (("pool", "small-cards"),))] == 120
+    assert counted[("farm_pending_jobs", (("pool", "big-cards"),))] == 0
+
+
+def test_images_per_second_and_mfu_after_a_render(tiny_model: Path) -> None:
+    """render_images_per_second and render_mfu: absent before the first render; after one (the tiny model, timed and
+    counted as workers/tasks.py does), images/s of that call, and MFU only once a peak is known (a CPU has none
+    unless FARM_PEAK_TFLOPS sets it)."""
+    import time
+
+    from models.flops import image_flops
+    from models.pipeline import RenderRequest, load_pipeline, render_batch
+
+    metrics = WorkerMetrics()
+    assert not any(name.startswith(("render_images_per", "render_mfu")) for name, _ in _samples(metrics.render_text()))
+    pipe = load_pipeline(str(tiny_model), device="cpu")
+    requests = [RenderRequest(prompt=f"a red cube {i}", seed=i, width=128, height=128) for i in range(2)]
+    started = time.perf_counter()
+    render_batch(pipe, requests)
+    per_image_s = (time.perf_counter() - started) / len(requests)
+    flops = image_flops(pipe, 128, 128, 4)
+    assert flops is not None and flops > 0
+
+    metrics.track_peak(lambda: None)  # a CPU without FARM_PEAK_TFLOPS
+    metrics.observe_render(len(requests), per_image_s, flops_per_image=flops)
+    samples = _samples(metrics.render_text())
+    assert samples[("render_images_per_second", ())] == pytest.approx(1 / per_image_s)
+    assert ("render_mfu", ()) not in samples
+
+    metrics.track_peak(lambda: 2e12)  # FARM_PEAK_TFLOPS=2
+    metrics.observe_render(len(requests), per_image_s, flops_per_image=flops)
+    samples = _samples(metrics.render_text())
+    assert samples[("render_mfu", ())] == pytest.approx(flops / per_image_s / 2e12)
+    assert 0 < samples[("render_mfu", ())] < 1
 
 
 @pytest.mark.integration
@@ -61,7 +102,7 @@ def test_a_real_worker_serves_its_metrics(tmp_path: Path, tiny_model: Path) -> N
     """Embedded default, tiny model: three images, then scrape /metrics over HTTP."""
     home = tmp_path / "home"
     shutil.copytree(tiny_model, home / "models" / "tiny")
-    env = farm_env(FARM_HOME=str(home))
+    env = farm_env(FARM_HOME=str(home), FARM_PEAK_TFLOPS="5")  # a CPU has no MFU unless a peak is configured
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na green sphere\na blue cone\n")
     submitted = run_farm(["submit", str(prompts), "--dataset", "metrics", "--model", "tiny"], env)
@@ -95,3 +136,27 @@ def test_a_real_worker_serves_its_metrics(tmp_path: Path, tiny_model: Path) -> N
     # The pipeline was loaded once (a miss); the three prompts were each encoded once (misses).
     assert samples[("cache_misses_total", (("cache", "pipelines"),))] == 1
     assert samples[("cache_misses_total", (("cache", "prompts"),))] == 3
+    # The last pipeline call's images/s, and its MFU against FARM_PEAK_TFLOPS.
+    assert samples[("render_images_per_second", ())] > 0
+    assert 0 < samples[("render_mfu", ())] < 1
+    # The fleet's backlog, as the worker's control loop counted it: nothing left waiting.
+    assert samples[("farm_pending_jobs", (("pool", "(no pool)"),))] == 0
+
+
+def test_score_histograms_per_pool() -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Result:  # what models/scoring.py returns for one image
+        clip_score: float
+        aesthetic: float | None
+        nsfw: bool | None
+
+    metrics = WorkerMetrics()
+    metrics.observe_scores("big-cards", [Result(21.0, 5.2, False), Result(31.0, None, True)], 0.004)
+    samples = _samples(metrics.render_text())
+    assert samples[("clip_score_count", (("pool", "big-cards"),))] == 2
+    assert samples[("clip_score_bucket", (("le", "22.5"), ("pool", "big-cards")))] == 1
+    assert samples[("aesthetic_score_count", (("pool", "big-cards"),))] == 1
+    assert samples[("nsfw_flagged_total", (("pool", "big-cards"),))] == 1
+    assert samples[("score_seconds_count", (("pool", "big-cards"),))] == 2

@@ -159,7 +159,8 @@ def test_two_pools_each_job_on_a_pool_that_can_serve_it(tmp_path: Path, own_pg_u
 def test_higher_priority_datasets_render_first(
     tmp_path: Path, own_pg_url: str, redis_url: str, queue_name: str
 ) -> None:
-    """Both datasets are on the Redis queue before the worker starts; the urgent one is claimed first."""
+    """Both datasets are recorded before the worker starts; its dispatcher sends the urgent one first, on Redis
+    priority queues, so the urgent one is claimed first."""
     env = farm_env(
         FARM_HOME=str(tmp_path / "home"),
         FARM_DATABASE_URL=own_pg_url,
@@ -192,3 +193,14 @@ def test_higher_priority_datasets_render_first(
     low_starts = [r.started_at for r in rows if r.name == low]
     assert len(urgent_starts) == len(low_starts) == 6
     assert max(urgent_starts) <= min(low_starts)  # submitted second, rendered first
+
+
+def test_lines_with_a_bar_go_only_to_pools_that_load_their_scorer() -> None:
+    scoring = PoolSpec.from_options("scoring", {"scorers": ["clip-l14"]})
+    plain = PoolSpec.from_options("plain", {})
+    needs = Needs("tiny", None, 128 * 128, None, "clip-l14")
+    assert plain.refuses(needs) == "scorer clip-l14"  # a pool without `scorers` scores nothing
+    assert scoring.refuses(needs) is None
+    assert scoring.refuses(Needs("tiny", None, 128 * 128, None, "tiny-scorer")) == "scorer tiny-scorer"
+    assert Router("render", [plain, scoring], {"plain": 4, "scoring": 1}, {}).route(needs).queue == "render.scoring"
+    assert plain.refuses(Needs("tiny", None, 128 * 128, None)) is None  # jobs without a bar go anywhere

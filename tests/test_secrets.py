@@ -442,7 +442,7 @@ def test_submit_with_a_query_password_broker_records_and_dispatches(
         FARM_QUEUE=queue_name,
         FARM_BROKER_URL=f"redis://127.0.0.1:{private_redis}/0?password={REDIS_QUERY}",
     )
-    result = run_farm(["submit", str(prompts), "--dataset", "secret"], env)
+    result = run_farm(["submit", str(prompts), "--dataset", "secret", "--dispatch"], env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "2 new jobs" in output and "dispatched 2 jobs" in output
@@ -452,7 +452,7 @@ def test_submit_with_a_query_password_broker_records_and_dispatches(
 
     wrong = dict(env, FARM_BROKER_URL=f"redis://127.0.0.1:{private_redis}/0?password=wrong-{SECRET}")
     prompts.write_text("a whale\n", encoding="utf-8")
-    refused = run_farm(["submit", str(prompts), "--dataset", "secret"], wrong)
+    refused = run_farm(["submit", str(prompts), "--dataset", "secret", "--dispatch"], wrong)
     output = refused.stdout + refused.stderr
     assert refused.returncode == 3, output
     assert "1 new jobs" in output and f"redis://127.0.0.1:{private_redis}/0?password={MASK}" in refused.stderr

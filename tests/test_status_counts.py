@@ -367,7 +367,7 @@ def test_the_migration_backfills_an_existing_store(engine: Engine) -> None:
     _store_at_0009(engine)
     _fill_a_0009_store(engine)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0010"
+    assert current_revision(engine) == head_revision() == "0011"
     found = assert_exact(engine)
     assert found == {
         "a": {"pending": 5, "queued": 3, "running": 2, "succeeded": 7, "failed": 1, "canceled": 1, UNROUTABLE: 1},

@@ -160,7 +160,7 @@ def test_an_attempt_that_lost_its_job_deletes_its_object_and_gives_up_unrecordab
             conn.execute(Job.__table__.update().where(Job.id == late.id).values(status="pending"))
             transitions.claim(conn, [late.id], worker="other#1", lease_s=60, max_attempts=3)
         stored = rt.storage.put(object_key("", "wf", late.id, late.claim_seq), b"late bytes")
-        assert record_batch(rt, [(late, stored, 5, None)], [])
+        assert record_batch(rt, [(late, stored, 5, None, None)], [])
         assert rt.storage.head(stored.key) is None  # nothing of the losing attempt stays stored
         assert [row.status for row in _rows(engine, [late.id])] == ["running"]  # the other attempt's, untouched
 

@@ -12,8 +12,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from farm.dispatch.broker import RENDER_TASK, make_celery
 from farm.settings import Settings
+from farm.store.control import pending_per_pool
 from workers.control import ControlLoop
-from workers.metrics import METRICS, start_metrics_server
+from workers.metrics import METRICS, device_peak, start_metrics_server
 from workers.runtime import WorkerRuntime
 from workers.tasks import release_held, render_jobs
 
@@ -60,6 +61,8 @@ def create_app(
                 )
             )
             METRICS.track_caches(runtime[0].caches.stats)
+            METRICS.track_peak(lambda: device_peak(settings))  # for render_mfu, asked at the first render
+            METRICS.track_pending(lambda: pending_per_pool(runtime[0].engine))
             # The reaper and dispatcher loop runs in every worker process; one at a time leads.
             runtime[0].control = ControlLoop(runtime[0].engine, app, settings, holder=runtime[0].name).start()
         return runtime[0]

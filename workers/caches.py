@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from farm.job import Claimed
-from farm.profiles import PROFILES, controlnet_source, model_source
+from farm.profiles import PROFILES, controlnet_source, model_source, scorer_sources
 from farm.settings import Settings
 from farm.storage import Storage
 
@@ -101,7 +101,7 @@ class PipelineCache:
             model,
             quantize,
             self.low_memory,
-            source,
+            "nowhere: renderer null" if self.settings.renderer == "null" else source,
             time.perf_counter() - started,
         )
         self.loaded[key] = pipe
@@ -145,6 +145,10 @@ class PipelineCache:
             self.on_event(name, detail)
 
     def _load(self, key: tuple[str, str | None], source: str, quantize: str | None) -> Any:
+        if self.settings.renderer == "null":  # `--renderer null`: a stand-in, nothing loaded (models/null.py)
+            from models.null import NullPipeline
+
+            return NullPipeline(key[0], quantize)
         from models.pipeline import load_pipeline
 
         settings = self.settings
@@ -182,6 +186,7 @@ class PipelineCache:
             from models.quantize import load_text_encoder
 
             self.encoders[key] = (pipe.tokenizer, load_text_encoder(source, precision="int8", device=str(pipe.device)))
+        self._apply_fast_path(key, pipe)
         if self.low_memory:
             # Decode a batch's latents one image at a time (AutoencoderKL.enable_slicing; diffusers 0.42's
             # PixArtAlphaPipeline has no enable_vae_slicing). Not tiling: tiles blend at their seams, which changes
@@ -190,6 +195,20 @@ class PipelineCache:
             # order"); a batch decoded at once would multiply the decode's share by the batch size.
             pipe.vae.enable_slicing()
         return pipe
+
+    def _apply_fast_path(self, key: tuple[str, str | None], pipe: Any) -> None:
+        """The worker's fast path (FARM_FAST_PATH / --fast-path / a pool's fast_path), once per loaded pipeline;
+        torch.compile's cache goes to the models volume (Settings.compile_cache_path)."""
+        from models.fastpath import apply_fast_path, parse_fast_path
+
+        fast = parse_fast_path(
+            self.settings.fast_path,
+            device=str(pipe.device),
+            low_memory=self.low_memory,
+            compile_cache=self.settings.compile_cache_path,
+        )
+        done = apply_fast_path(pipe, fast)
+        log.info("fast path %s for %s (quantize=%s): %s", fast.describe(), key[0], key[1], "; ".join(done))
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self.loaded), "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
@@ -216,6 +235,8 @@ class RenderCaches:
     # "t5_released", "pipeline_offloaded", "pipeline_placed" (device). The worker logs them (workers/runtime.py).
     on_event: Event | None = None
     _hed: tuple[str, Any] | None = None  # (weights sha256, HEDNetwork) of the last `--condition hed` job
+    # Loaded scorer profiles (models/scoring.py), by name: the two most recently used.
+    _scorers: OrderedDict[str, Any] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         from models.caches import AdapterCache, ConditionLatentCache, PromptEmbeddingCache
@@ -225,6 +246,45 @@ class RenderCaches:
         self.prompts = PromptEmbeddingCache(max_entries=4096)
         # The pipelines' moves are steps of the same order: they reach whoever listens here.
         self.pipelines.on_event = self._emit
+        if self.null:
+            log.warning("renderer null: no model is loaded; every image is synthetic (models/null.py), for benchmarks")
+
+    @property
+    def null(self) -> bool:
+        """`farm worker --renderer null`: synthetic images at once, no model (models/null.py); never the default."""
+        return self.settings.renderer == "null"
+
+    def renderer(self) -> tuple[Callable[..., list[Any]], Callable[..., dict[str, Any]]]:
+        """render_batch and render_recipe of this worker's renderer: the pipeline's, or the null stand-in's."""
+        if self.null:
+            import models.null
+
+            return models.null.render_batch, models.null.render_recipe
+        import models.pipeline
+        import models.recipe
+
+        return models.pipeline.render_batch, models.recipe.render_recipe
+
+    def scorers(self, name: str) -> Any:
+        """The scorers of profile `name` (or a folder), on the worker's device, loaded once (two kept)."""
+        if name in self._scorers:
+            self._scorers.move_to_end(name)
+            return self._scorers[name]
+        from models.scoring import load_scorers
+
+        sources = scorer_sources(name, self.settings)
+        if "clip" not in sources:
+            raise ValueError(f"scorer {name!r}: no CLIP model (a profile, or a folder holding clip/)")
+        device, dtype = _worker_device_and_dtype(self.settings)
+        started = time.monotonic()
+        loaded = load_scorers(
+            sources["clip"], sources.get("aesthetic"), sources.get("safety"), device=device, dtype=dtype
+        )
+        self._emit("scorer_loaded", f"{name} in {time.monotonic() - started:.1f} s")
+        self._scorers[name] = loaded
+        while len(self._scorers) > 2:
+            self._scorers.popitem(last=False)
+        return loaded
 
     def adapter(self, name: str, pipe: Any) -> Any:
         """The ControlNet adapter `name`, in the pipeline's dtype and device, loaded once."""
@@ -358,6 +418,8 @@ class RenderCaches:
 
     def _needs_encoding(self, job: Claimed) -> bool:
         """False where the pipeline encodes its own prompts as it renders (a resident full-precision T5)."""
+        if self.null:
+            return False  # no model, no prompts to encode
         return self.pipelines.low_memory or t5_precision(job.quantize) is not None
 
     def _encode_resident(self, job: Claimed, missing: list[str]) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError as SQLOperationalError
 
 from farm.dispatch.broker import RENDER_TASK
 from farm.errors import FarmError
-from farm.job import Claimed
+from farm.job import Claimed, Scores
 from farm.secrets import scrub
 from farm.storage import StoredObject
 from farm.store import transitions
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("farm.worker")
 
-Done = Sequence[tuple[Claimed, StoredObject, int, str | None]]  # job, its object, render ms, recipe JSON
+Done = Sequence[tuple[Claimed, StoredObject, int, str | None, Scores | None]]  # job, object, render ms, recipe JSON
 Failed = Sequence[tuple[Claimed, BaseException]]
 
 
@@ -66,15 +66,18 @@ def record_batch(rt: WorkerRuntime, done: Done, failed: Failed, *, since: float 
     Returns whether it was recorded. When the database refuses (any error: a dropped connection, a bug), the
     batch is kept for the heartbeat to retry; ``since`` is when it first failed.
     """
+    rejected: list[str] = []  # images the verdicts rejected with keep-rejected no: deleted once committed
     try:
         with rt.engine.begin() as conn:
             marked = transitions.mark_succeeded_many(
                 conn,
-                [(job.id, job.claim_seq, stored, ms) for job, stored, ms, _recipe in done],
+                [(job.id, job.claim_seq, stored, ms) for job, stored, ms, *_rest in done],
                 worker=rt.name,
-                recipes={job.id: recipe for job, _stored, _ms, recipe in done if recipe is not None},
+                recipes={job.id: recipe for job, _stored, _ms, recipe, _scores in done if recipe is not None},
+                scores={job.id: scores for job, _stored, _ms, _recipe, scores in done if scores is not None},
+                deletes=rejected,
             )
-            outcomes = [(job, exc, _fail(rt, conn, job, exc)) for job, exc in failed]
+            outcomes = [(job, exc, _fail(rt, conn, job, exc, rejected)) for job, exc in failed]
     except Exception as exc:
         count = len(done) + len(failed)
         if isinstance(exc, SQLOperationalError):
@@ -83,7 +86,9 @@ def record_batch(rt: WorkerRuntime, done: Done, failed: Failed, *, since: float 
             log.exception("could not record %d results; retrying with the next heartbeat", count)
         _keep(rt, done, failed, since)
         return False
-    for job, stored, render_ms, _recipe in done:
+    for uri in rejected:
+        _delete_uri(rt, uri)
+    for job, stored, render_ms, *_rest in done:
         if job.id in marked:
             rt.stats.succeeded += 1
             rt.event("recorded", job.id, job.claim_seq)
@@ -124,7 +129,9 @@ def _keep(rt: WorkerRuntime, done: Done, failed: Failed, since: float | None) ->
             rt.unrecorded.batches.append((since, done, failed))
 
 
-def _fail(rt: WorkerRuntime, conn: Connection, job: Claimed, exc: BaseException) -> JobStatus | None:
+def _fail(
+    rt: WorkerRuntime, conn: Connection, job: Claimed, exc: BaseException, rejected: list[str]
+) -> JobStatus | None:
     delay = _delay_s(rt, job)
     return transitions.mark_attempt_failed(
         conn,
@@ -134,6 +141,7 @@ def _fail(rt: WorkerRuntime, conn: Connection, job: Claimed, exc: BaseException)
         error=scrub(_describe(exc), rt.settings),  # job errors are shown by status, jobs and exports
         max_attempts=rt.settings.max_attempts,
         retry_at=utcnow() + timedelta(seconds=delay),
+        deletes=rejected,
     )
 
 
@@ -148,6 +156,14 @@ def _delete(rt: WorkerRuntime, stored: StoredObject) -> None:
         rt.storage.delete(stored.key)
     except FarmError as exc:
         log.warning("could not delete %s (%s); `farm gc` removes it", stored.uri, exc)
+
+
+def _delete_uri(rt: WorkerRuntime, uri: str) -> None:
+    """Remove a rejected image its row no longer names (keep-rejected no); `farm gc` removes it if this fails."""
+    try:
+        rt.storage.delete(rt.storage.key_for_uri(uri))
+    except (FarmError, ValueError) as exc:
+        log.warning("could not delete rejected image %s (%s); `farm gc` removes it", uri, exc)
 
 
 def _describe(exc: BaseException) -> str:

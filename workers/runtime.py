@@ -201,6 +201,7 @@ class WorkerRuntime:
             ],
             "adapters": [name for name, _dtype in caches.adapters.cached_keys()],
             "caches": caches.stats(),
+            "renderer": self.settings.renderer,  # "null": synthetic images, no model (models/null.py)
         }
         device, memory = _device(self.settings.device)
         heartbeat = fleet.Heartbeat(

@@ -6,19 +6,19 @@ batch renders; the job's lease covers that gap, and the reaper covers a worker t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm.job import Claimed
-from farm.storage import StoredObject
+from farm.job import Claimed, Scores
 from farm.store import transitions
 from workers.metrics import METRICS
 from workers.recording import record_batch
 from workers.runtime import WorkerRuntime
-from workers.uploads import Rendered
+from workers.uploads import Rendered, StoredResult
 
 log = logging.getLogger("farm.worker")
 
@@ -139,7 +139,7 @@ def _release(rt: WorkerRuntime, jobs: list[Claimed]) -> None:
 
 def _uploaded(
     rt: WorkerRuntime,
-    done: list[tuple[Claimed, StoredObject, int, str | None]],
+    done: list[StoredResult],
     failed: list[tuple[Claimed, BaseException]],
 ) -> None:
     METRICS.count_errors("upload", len(failed))
@@ -163,8 +163,10 @@ def _render(
     Returns the rendered images, the failures, and the jobs whose render was interrupted (all of the batch's
     jobs canceled, or the shutdown grace period over): those are neither failed nor rendered.
     """
-    from models.pipeline import RenderInterrupted, RenderRequest, render_batch
-    from models.recipe import recipe_json, render_recipe
+    from models.pipeline import RenderInterrupted, RenderRequest
+    from models.recipe import recipe_json
+
+    render_batch, render_recipe = rt.caches.renderer()  # the model's, or `--renderer null`'s (models/null.py)
 
     def interrupt() -> str | None:
         if all(rt.holdings.is_lost(job.id) for job in batch):
@@ -192,7 +194,7 @@ def _render(
         caches = rt.caches
         pipe = caches.pipelines.get(first.model, first.quantize)
         extra: dict[str, Any] = {}
-        if first.controlnet:
+        if first.controlnet and not caches.null:  # the null renderer ignores conditions (its recipe says so)
             scale = first.conditioning_scale if first.conditioning_scale is not None else 1.0
             extra = {
                 "controlnet": caches.adapter(first.controlnet, pipe),
@@ -228,6 +230,8 @@ def _render(
         )
         per_image_s = (time.perf_counter() - started) / len(batch)
         per_image_ms = round(per_image_s * 1000)
+        # Scored right after decode, as one batch on the same device (a yield-targeted line's tries).
+        scores = _score(rt, batch, images)
     except RenderInterrupted as exc:
         log.info("%s", exc)
         return [], [], list(batch)
@@ -245,15 +249,50 @@ def _render(
             interrupted += stopped
         return rendered, failures, interrupted
     rt.stats.rendered += len(batch)
-    METRICS.observe_render(len(batch), per_image_s)
+    METRICS.observe_render(len(batch), per_image_s, flops_per_image=_image_flops(pipe, requests[0]))
     rt.stats.render_ms += per_image_ms * len(batch)
     for job in batch:
         rt.event("render_end", job.id, job.claim_seq)
     return (
         [
-            Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms, recipe)
-            for j, image in zip(batch, images, strict=True)
+            Rendered(j, rt.dataset_name(j.dataset_id), image, per_image_ms, recipe, score)
+            for j, image, score in zip(batch, images, scores, strict=True)
         ],
         [],
         [],
     )
+
+
+def _image_flops(pipe: Any, request: Any) -> float | None:
+    """FLOPs of one image of this batch, counted from the model's config (models/flops.py), for render_mfu."""
+    from models.flops import image_flops
+
+    return image_flops(pipe, request.width, request.height, request.num_inference_steps, cfg=request.cfg)
+
+
+def _score(rt: WorkerRuntime, batch: list[Claimed], images: list[Any]) -> list[Scores | None]:
+    """Each image's scores: the batch's scorer (one CLIP pass for every score), or the pixels' hash alone for tries
+    of lines without a scorer; None for jobs that are neither scored nor in a line."""
+    first = batch[0]  # the scorer is a render-group field: the whole batch shares it
+    if first.scorer is None:
+        if all(job.line_id is None for job in batch):
+            return [None] * len(batch)
+        from models.scoring import pixel_sha256
+
+        return [Scores(pixel_sha256(image)) if job.line_id else None for job, image in zip(batch, images, strict=True)]
+    scorers = rt.caches.scorers(first.scorer)
+    started = time.perf_counter()
+    results = scorers.score(images, [job.prompt for job in batch])
+    METRICS.observe_scores(rt.pool or "", results, (time.perf_counter() - started) / len(batch))
+    models = json.dumps(scorers.model_ids, sort_keys=True)
+    return [
+        Scores(
+            pixel_sha256=r.pixel_sha256,
+            clip_score=r.clip_score,
+            aesthetic_score=r.aesthetic,
+            nsfw=r.nsfw,
+            embedding=r.embedding,
+            models=models,
+        )
+        for r in results
+    ]

@@ -11,13 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.job import Claimed
+from farm.job import Claimed, Scores
 from farm.storage import Storage, StoredObject, object_key
 from workers.png import encode_png
 
 log = logging.getLogger("farm.worker")
 
-BatchDone = Callable[[list[tuple[Claimed, StoredObject, int, str | None]], list[tuple[Claimed, BaseException]]], None]
+# A stored image: its job, object, render ms, recipe JSON and scores (farm/store/verdicts.py), or None unscored.
+StoredResult = tuple[Claimed, StoredObject, int, str | None, Scores | None]
+BatchDone = Callable[[list[StoredResult], list[tuple[Claimed, BaseException]]], None]
 
 
 class JobLost(Exception):
@@ -33,19 +35,18 @@ class Rendered:
     image: Any
     render_ms: int
     recipe: str | None = None  # how it was sampled (models/recipe.py), for the row and the PNG
+    scores: Scores | None = None  # what the scorers said (a yield-targeted line's try), for the row and the PNG
 
 
 @dataclass
 class _Batch:
     size: int
     on_done: BatchDone
-    done: list[tuple[Claimed, StoredObject, int, str | None]] = field(default_factory=list)
+    done: list[StoredResult] = field(default_factory=list)
     failed: list[tuple[Claimed, BaseException]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(
-        self, ok: tuple[Claimed, StoredObject, int, str | None] | None, bad: tuple[Claimed, BaseException] | None
-    ) -> bool:
+    def add(self, ok: StoredResult | None, bad: tuple[Claimed, BaseException] | None) -> bool:
         with self.lock:
             if ok:
                 self.done.append(ok)
@@ -106,18 +107,18 @@ class Uploader:
             self._pool.submit(self._store, item, tracker)
 
     def _store(self, item: Rendered, batch: _Batch) -> None:
-        ok: tuple[Claimed, StoredObject, int, str | None] | None = None
+        ok: StoredResult | None = None
         bad: tuple[Claimed, BaseException] | None = None
         job = item.job
         try:
             if self.is_lost(job.id):
                 raise JobLost(f"job {job.id} attempt {job.claim_seq} is no longer this worker's; not uploaded")
-            data = encode_png(item.image, job, item.recipe)
+            data = encode_png(item.image, job, item.recipe, item.scores)
             key = object_key(self.storage.prefix, item.dataset, job.id, job.claim_seq)
             self.event("upload_start", job.id, job.claim_seq)
             stored = self.storage.put(key, data, metadata={"job_id": job.id, "seed": str(job.seed)})
             self.event("upload_end", job.id, job.claim_seq)
-            ok = (job, stored, item.render_ms, item.recipe)
+            ok = (job, stored, item.render_ms, item.recipe, item.scores)
             with self._lock:
                 self.stored_bytes += stored.bytes
         except Exception as exc:

@@ -52,9 +52,23 @@ __all__ = ["export", "url"]
     help="Export only rows that finished at least this many seconds ago; newer ones wait for the next run, so a "
     "worker whose clock lags or whose commit comes late by less than this is never skipped.",
 )
+@click.option(
+    "--accepted-only/--all",
+    "accepted_only",
+    default=None,
+    help="Only the accepted tries of yield-targeted lines, or every image (default: accepted only when the "
+    "dataset has acceptance rules). Each destination keeps the choice of its first export.",
+)
 @click.pass_context
 def export(
-    ctx: click.Context, dataset: str, fmt: str, to: str, shard_size: int, parallel: int, settle_s: float
+    ctx: click.Context,
+    dataset: str,
+    fmt: str,
+    to: str,
+    shard_size: int,
+    parallel: int,
+    settle_s: float,
+    accepted_only: bool | None,
 ) -> None:
     """Export the finished images of DATASET, one row per image, in a format training code reads."""
     from farm.outputs.export import describe_files, export_dataset
@@ -74,6 +88,7 @@ def export(
             shard_size=shard_size,
             parallel=parallel,
             settle_s=settle_s,
+            accepted_only=accepted_only,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -135,8 +150,16 @@ def url(ctx: click.Context, job: str, expires_s: int) -> None:
     show_default=True,
     help="Thumbnail size in pixels (the longer side).",
 )
+@click.option(
+    "--verdict",
+    type=click.Choice(["accepted", "rejected", "duplicate", "unscored"]),
+    default=None,
+    help="Only tries with this verdict (yield-targeted lines); scores and verdicts are shown under each image.",
+)
 @click.pass_context
-def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, columns: int, thumb: int) -> None:
+def preview(
+    ctx: click.Context, dataset: str, out: Path | None, limit: int, columns: int, thumb: int, verdict: str | None
+) -> None:
     """Write a contact sheet PNG and an HTML gallery of a dataset's finished images."""
     from farm.outputs.preview import make_preview
     from farm.storage import storage_for
@@ -146,7 +169,9 @@ def preview(ctx: click.Context, dataset: str, out: Path | None, limit: int, colu
     engine = open_store(settings)
     storage = storage_for(settings)
     target = out or Path(f"{dataset}-preview")
-    result = make_preview(engine, storage, dataset, target, limit=limit, columns=columns, thumb_px=thumb)
+    result = make_preview(
+        engine, storage, dataset, target, limit=limit, columns=columns, thumb_px=thumb, verdict=verdict
+    )
     for reason in result.skipped:
         click.echo(f"skipped {reason}", err=True)
     click.echo(f"{len(result.images)} images")

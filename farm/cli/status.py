@@ -82,8 +82,21 @@ def _print_statuses(statuses: list[Any], as_json: bool) -> None:
         click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
         for reason, n in s.unroutable.items():
             click.echo(f"  unroutable {n}: {reason}")
+        if s.acceptance is not None:
+            click.echo(f"  {_acceptance_line(s.acceptance)}")
         for warning in s.warnings:
             click.echo(f"  warning: {warning}")
+
+
+def _acceptance_line(a: Any) -> str:
+    """`accepted 37/50  rejected 12  duplicate 1  unscored 0  |  rate 74%  |  ~68 tries to the target`."""
+    rate = "-" if a.rate is None else f"{a.rate:.0%}"
+    projected = a.projected_tries
+    tries = "tries to the target: not known yet" if projected is None else f"~{projected} tries to the target"
+    return (
+        f"accepted {a.accepted}/{a.target}  rejected {a.rejected}  duplicate {a.duplicate}  unscored {a.unscored}"
+        f"  |  acceptance {rate}  |  {tries}"
+    )
 
 
 def _warn_if_nobody_reaps(engine: Any, lease_s: float, *, unfinished: bool) -> None:
@@ -97,20 +110,32 @@ def _warn_if_nobody_reaps(engine: Any, lease_s: float, *, unfinished: bool) -> N
 @click.command()
 @click.argument("dataset")
 @click.option("--state", type=click.Choice([s.value for s in JobStatus]), default=None, help="Only jobs in this state.")
+@click.option(
+    "--verdict",
+    type=click.Choice(["accepted", "rejected", "duplicate", "unscored"]),
+    default=None,
+    help="Only tries of yield-targeted lines with this verdict (shown with its reason).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many jobs.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per job (nothing for no jobs).")
 @click.pass_context
-def jobs(ctx: click.Context, dataset: str, state: str | None, limit: int, as_json: bool) -> None:
-    """List a dataset's jobs with their state, attempts, output and error."""
+def jobs(ctx: click.Context, dataset: str, state: str | None, verdict: str | None, limit: int, as_json: bool) -> None:
+    """List a dataset's jobs with their state, attempts, output and error (and verdict, for yield-targeted lines)."""
     from farm.store.engine import open_store
     from farm.store.queries import list_jobs
 
-    rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, limit=limit)
+    rows = list_jobs(open_store(settings_of(ctx)), dataset, state=state, verdict=verdict, limit=limit)
     for row in rows:
         if as_json:
             click.echo(json.dumps(row.__dict__))
             continue
         tail = row.error if row.error else (row.output_uri or "")
+        if row.verdict is not None:
+            scores = f"clip {row.clip_score:.2f}  " if row.clip_score is not None else ""
+            if row.aesthetic_score is not None:
+                scores += f"aesthetic {row.aesthetic_score:.2f}  "
+            reason = f" ({row.verdict_reason})" if row.verdict_reason else ""
+            tail = f"try {row.try_index}  {row.verdict}{reason}  {scores}{tail}"
         click.echo(
             f"{row.id}  {row.status:<9} attempts={row.attempts}  {row.source_file or '?'}:{row.source_line}  "
             f"seed {row.seed}  {tail}"

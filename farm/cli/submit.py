@@ -102,13 +102,52 @@ from farm.cli.common import dispatch_now, settings_of
 )
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan; write nothing, send nothing.")
 @click.option(
-    "--no-dispatch", is_flag=True, help="Record the jobs as pending without publishing them now (workers will)."
+    "--dispatch/--no-dispatch",
+    "publish",
+    default=False,
+    help="Also publish a window of the jobs now, as `farm dispatch` does (default: only record them; the "
+    "workers' dispatcher sends them within a second).",
 )
 @click.option(
     "--priority",
     type=click.IntRange(0, 9),
     default=None,
     help="Dataset priority, 0-9, higher first (default 0; given again, it changes for jobs not yet sent).",
+)
+@click.option(
+    "--accept",
+    type=int,
+    default=None,
+    help="Yield target: accepted images each prompt line wants (its first N tries are the --images-per-prompt "
+    "jobs); tries that miss the bar are replaced by new seeds until N are accepted or --max-tries are spent.",
+)
+@click.option("--max-tries", type=int, default=None, help="Tries per line at most (default: 4 x --accept).")
+@click.option("--min-clip-score", type=float, default=None, help="Accept only CLIP score >= X (0-100).")
+@click.option("--min-aesthetic", type=float, default=None, help="Accept only aesthetic score >= Y (1-10).")
+@click.option(
+    "--safety",
+    type=click.Choice(["drop", "flag"]),
+    default=None,
+    help="drop: reject images the safety checker flags; flag: keep them, flagged in the row and the export.",
+)
+@click.option(
+    "--dedup",
+    type=float,
+    default=None,
+    help="Reject a try whose CLIP embedding has cosine >= this with an accepted try of its line (e.g. 0.95).",
+)
+@click.option(
+    "--keep-rejected",
+    type=click.Choice(["yes", "no"]),
+    default="yes",
+    show_default=True,
+    help="no: delete rejected images from storage when their verdict is recorded.",
+)
+@click.option(
+    "--scorer",
+    default=None,
+    help="Scorer profile for lines with a bar (clip-l14, tiny-scorer) or a folder with clip/, aesthetic/, "
+    "safety/ (default: FARM_DEFAULT_SCORER, clip-l14).",
 )
 @click.pass_context
 def submit(
@@ -132,10 +171,18 @@ def submit(
     vary: tuple[str, ...],
     control_dirs: tuple[Path, ...],
     dry_run: bool,
-    no_dispatch: bool,
+    publish: bool,
     priority: int | None,
+    accept: int | None,
+    max_tries: int | None,
+    min_clip_score: float | None,
+    min_aesthetic: float | None,
+    safety: str | None,
+    dedup: float | None,
+    keep_rejected: str,
+    scorer: str | None,
 ) -> None:
-    """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record, dispatch."""
+    """Validate FILE (.txt, .jsonl, .csv, .parquet), show the job count, store conditions, record the jobs."""
     from farm.submit.plan import SubmitOptions
     from farm.submit.run import choose_model, submit_file
 
@@ -161,21 +208,25 @@ def submit(
         control_dirs=control_dirs,
         control_image_max_bytes=settings.control_image_max_bytes,
         max_line_bytes=settings.max_line_bytes,
+        accept=accept,
+        max_tries=max_tries,
+        min_clip_score=min_clip_score,
+        min_aesthetic=min_aesthetic,
+        safety=safety,
+        dedup=dedup,
+        keep_rejected=keep_rejected == "yes",
+        scorer=scorer or settings.default_scorer,
     )
-    # A broker that is away raises BrokerUnavailable after the jobs are recorded: exit 3, nothing lost.
-    submit_file(settings, file, options, dispatch=not no_dispatch, dry_run=dry_run, echo=click.echo, priority=priority)
-    if no_dispatch and not dry_run:
-        click.echo(
-            "not dispatched now (--no-dispatch): running workers send pending jobs within seconds; "
-            "`farm dispatch` sends them at once, `farm pause` holds them"
-        )
+    # Only --dispatch touches the broker: one that is away raises BrokerUnavailable after the jobs are recorded
+    # (exit 3, nothing lost).
+    submit_file(settings, file, options, dispatch=publish, dry_run=dry_run, echo=click.echo, priority=priority)
 
 
 @click.command()
 @click.option("--dataset", default=None, help="Only this dataset (default: every dataset).")
 @click.pass_context
 def dispatch(ctx: click.Context, dataset: str | None) -> None:
-    """Top up the broker's window with pending jobs now (workers do it every few seconds on their own)."""
+    """Top up the broker's window with pending jobs now (the workers' dispatcher does it every second)."""
     from farm.store.engine import open_store
     from farm.store.queries import dataset_id
 

@@ -82,6 +82,12 @@ def models_list(ctx: click.Context) -> None:
             if adapter.preprocess:
                 recipe += f", condition {adapter.preprocess}"
         click.echo(f"  {adapter.name:<26} {adapter.source(settings)}\n  {'':<26} {adapter.description}{recipe}")
+    click.echo("scorers (`farm submit --scorer`; pools list theirs under `scorers`):")
+    from farm.profiles import SCORER_PROFILES
+
+    for scorer in SCORER_PROFILES.values():
+        sources = ", ".join(f"{part} {source}" for part, source in scorer.sources(settings).items())
+        click.echo(f"  {scorer.name:<26} {sources}\n  {'':<26} {scorer.note}")
 
 
 @models.command("make-tiny")
@@ -132,6 +138,25 @@ def models_make_tiny_controlnet(ctx: click.Context, directory: Path | None, mode
     target = directory or settings.models_dir / "tiny-controlnet"
     path = make_tiny_controlnet(target, transformer_source=source, seed=seed)
     click.echo(f"tiny ControlNet adapter written to {path}")
+
+
+@models.command("make-tiny-scorer")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--seed",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Seed for the random weights (2 gives a spread of CLIP scores on the tiny models; 0 gives only zeros).",
+)
+@click.pass_context
+def models_make_tiny_scorer(ctx: click.Context, directory: Path | None, seed: int) -> None:
+    """Write tiny random CLIP, aesthetic and safety models (default: FARM_HOME/models/tiny-scorer), offline."""
+    from models.scoring import save_tiny_scorers
+
+    target = directory or settings_of(ctx).models_dir / "tiny-scorer"
+    paths = save_tiny_scorers(target, seed=seed)
+    click.echo(f"tiny scorers ({', '.join(paths)}) written to {target}")
 
 
 @models.command("make-random-hed")
@@ -294,6 +319,13 @@ def bench(
     show_default=True,
     help="Timed `farm status` queries (after one warm-up).",
 )
+@click.option(
+    "--backlog-jobs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also time counting this many pending jobs per pool (what the workers' leader does each round).",
+)
 @click.option("--keep", is_flag=True, help="Keep the benchmark datasets instead of deleting them.")
 @click.option(
     "--json",
@@ -304,9 +336,15 @@ def bench(
 )
 @click.pass_context
 def bench_submit_command(
-    ctx: click.Context, prompts: int, status_jobs: int, status_runs: int, keep: bool, json_path: Path | None
+    ctx: click.Context,
+    prompts: int,
+    status_jobs: int,
+    status_runs: int,
+    backlog_jobs: int,
+    keep: bool,
+    json_path: Path | None,
 ) -> None:
-    """Submit + dispatch time for many prompts, and `farm status` latency on a big dataset, on this store."""
+    """Submit time for many prompts (and the first window sent), and `farm status` latency on a big dataset."""
     import tempfile
 
     from benchmarks.submit import bench_submit
@@ -318,10 +356,78 @@ def bench_submit_command(
             prompts=prompts,
             status_jobs=status_jobs,
             status_runs=status_runs,
+            backlog_jobs=backlog_jobs,
             workdir=Path(workdir),
             keep=keep,
             progress=lambda line: click.echo(line, err=True),
         )
+    click.echo(json.dumps(result, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
+@bench.command("ceiling")
+@click.option(
+    "--part",
+    "parts",
+    type=click.Choice(["worker", "uploads", "fleet", "statements"]),
+    multiple=True,
+    help="(a) worker: one null worker's images/s; (b) uploads: the upload pool at 1024 px; (c) fleet: the workers' "
+    "claim, record and heartbeat SQL from many processes, with PostgreSQL's CPU per image; statements: each of "
+    "those transactions alone on one connection. Default: worker, uploads and fleet.",
+)
+@click.option(
+    "--size",
+    "sizes",
+    type=(click.IntRange(min=64), click.IntRange(min=1)),
+    multiple=True,
+    help="SIZE JOBS for (a): images of SIZE×SIZE (default: 256 400, then 1024 200).",
+)
+@click.option("--profile", is_flag=True, help="Sample the worker with py-spy (when installed): where its time goes.")
+@click.option("--loglevel", default="INFO", show_default=True, help="The null worker's log level.")
+@click.option("--io-threads", type=click.IntRange(min=1), default=2, show_default=True, help="Upload threads.")
+@click.option("--fleet-jobs", type=click.IntRange(min=8), default=20_000, show_default=True, help="Jobs for (c).")
+@click.option("--fleet-processes", type=click.IntRange(min=1), default=4, show_default=True, help="Processes for (c).")
+@click.option(
+    "--task-jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Jobs per claim and record in (c)."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every figure to this JSON file.",
+)
+@click.pass_context
+def bench_ceiling_command(
+    ctx: click.Context,
+    parts: tuple[str, ...],
+    sizes: tuple[tuple[int, int], ...],
+    profile: bool,
+    loglevel: str,
+    io_threads: int,
+    fleet_jobs: int,
+    fleet_processes: int,
+    task_jobs: int,
+    json_path: Path | None,
+) -> None:
+    """The control plane's own ceiling, with the null renderer (`farm worker --renderer null`): no model runs."""
+    from benchmarks.ceiling import run_ceiling
+
+    settings = settings_of(ctx)
+    result = run_ceiling(
+        settings,
+        parts=parts or ("worker", "uploads", "fleet"),
+        sizes=sizes or ((256, 400), (1024, 200)),
+        profile=profile,
+        loglevel=loglevel,
+        io_threads=io_threads,
+        fleet_jobs=fleet_jobs,
+        fleet_processes=fleet_processes,
+        task_jobs=task_jobs,
+        workdir=settings.home / "bench",
+        progress=lambda line: click.echo(line, err=True),
+    )
     click.echo(json.dumps(result, indent=2))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))

@@ -7,7 +7,7 @@ import json
 import click
 
 from farm.cli.common import settings_of
-from farm.settings import with_overrides
+from farm.settings import Settings, with_overrides
 
 
 @click.command()
@@ -16,6 +16,14 @@ from farm.settings import with_overrides
 )
 @click.option("--device", default=None, help="Device: auto, cpu, cuda or cuda:N (FARM_DEVICE).")
 @click.option("--dtype", default=None, help="auto, float16, bfloat16 or float32 (FARM_DTYPE).")
+@click.option(
+    "--fast-path",
+    default=None,
+    metavar="ITEMS",
+    help="GPU fast path on top of the safe defaults, comma-separated: sdpa, fuse-qkv, channels-last, "
+    "compile[=max-autotune], int8-dynamic, fp8-dynamic, no-ITEM; none = plain eager (FARM_FAST_PATH, "
+    "default: sdpa, plus fuse-qkv and channels-last on CUDA).",
+)
 @click.option("--queue", default=None, help="Broker queue to consume (FARM_QUEUE, default render).")
 @click.option("--name", default=None, help="Worker name (default host:pid).")
 @click.option("--torch-threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
@@ -44,6 +52,13 @@ from farm.settings import with_overrides
     show_default=True,
     help="Serve Prometheus metrics on this port at /metrics (0: off).",
 )
+@click.option(
+    "--renderer",
+    type=click.Choice(["pixart", "null"]),
+    default=None,
+    help="pixart (the default: the model), or null: synthetic images at once, no model, to benchmark the farm "
+    "itself (FARM_RENDERER). Never for real datasets.",
+)
 @click.option("--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context
 def worker(
@@ -51,6 +66,7 @@ def worker(
     pool: str | None,
     device: str | None,
     dtype: str | None,
+    fast_path: str | None,
     queue: str | None,
     name: str | None,
     torch_threads: int | None,
@@ -58,6 +74,7 @@ def worker(
     io_threads: int,
     low_memory: bool,
     metrics_port: int,
+    renderer: str | None,
     loglevel: str,
 ) -> None:
     """Run one render worker (one process per GPU); SIGTERM finishes the current task, then exits."""
@@ -68,13 +85,18 @@ def worker(
         }
         merged = {**ctx.params, **settings_of(ctx).pool(pool), **given}
         device, dtype, queue = merged["device"], merged["dtype"], merged["queue"]
+        fast_path = merged["fast_path"]
         max_batch, io_threads = merged["max_batch"], merged["io_threads"]
         low_memory, metrics_port = merged["low_memory"], merged["metrics_port"]
+        renderer = merged["renderer"]
         if queue is None:  # a pool consumes its own queue, where dispatch routes the jobs it serves
             from farm.dispatch.routing import PoolSpec
 
             queue = PoolSpec.from_options(pool, merged).queue
-    settings = with_overrides(settings_of(ctx), device=device, dtype=dtype, queue=queue)
+    settings = with_overrides(
+        settings_of(ctx), device=device, dtype=dtype, queue=queue, renderer=renderer, fast_path=fast_path
+    )
+    _check_fast_path(settings, low_memory)
     from farm.store.engine import open_store
 
     open_store(settings).dispose()  # fail now, in plain words, if the database is unusable
@@ -92,6 +114,20 @@ def worker(
         metrics_port=metrics_port,
         pool=pool,
     )
+
+
+def _check_fast_path(settings: Settings, low_memory: bool) -> None:
+    """Refuse a fast path that does not parse or that this machine cannot run, now rather than at the first job."""
+    if settings.renderer == "null":
+        return  # no model: nothing to speed up
+    from models.devices import resolve_device
+    from models.fastpath import FastPathUnavailable, check_supported, parse_fast_path
+
+    try:
+        device = resolve_device(settings.device)
+        check_supported(parse_fast_path(settings.fast_path, device=device, low_memory=low_memory), device)
+    except (ValueError, FastPathUnavailable) as exc:
+        raise click.BadParameter(str(exc), param_hint="'--fast-path' / FARM_FAST_PATH") from None
 
 
 @click.command("workers")

@@ -21,7 +21,7 @@ from farm.store import control
 from farm.store.schema import Dataset, Job, JobStatus
 
 # The columns routing decides by (routing.Needs): what the aggregate groups pending jobs by.
-ROUTE_FIELDS = ("model", "width", "height", "controlnet", "quantize")
+ROUTE_FIELDS = ("model", "width", "height", "controlnet", "quantize", "scorer")
 # The aggregate reads every pending job, so the leader runs it at most once per this many seconds of its own cost
 # (at least once per control round): a million pending jobs cost ≈ 0.3–1 s, so at most every 20 s (BENCHMARKS.md).
 SPACING = 20

@@ -1,23 +1,25 @@
 """Dispatch: keep a bounded window of tasks per queue on the broker, and send again what the broker lost.
 
 Jobs are taken (pending → queued, guarded) before they are published, page by page, each group of compatible
-jobs to its pool's queue. The broker never holds the whole backlog: each queue holds at most
-settings.dispatch_window queued jobs, and the control loop tops the window up as workers drain it.
+jobs to its pool's queue. The broker never holds the whole backlog: each queue holds a window sized from the live
+workers that consume it (Router.window: a couple of tasks each, more for fast workers; FARM_DISPATCH_WINDOW caps
+it), and the control loop's leader tops it up every second as workers drain it (workers/control.py). So a
+higher priority, a pause or a cancel is never more than a window's work behind.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 from kombu.exceptions import ChannelError as KombuChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.engine import Connection, Engine
 
 from farm.dispatch.broker import RENDER_TASK
@@ -46,6 +48,7 @@ class Dispatched:
     tasks: int
     unroutable: int = 0  # left pending: no live pool serves them (the reason is on each job)
     waiting: bool = False  # pending jobs wait for room in their queue's window (sent as workers drain it)
+    per_queue: dict[str, int] = field(default_factory=dict)  # jobs sent to each queue
 
     def describe(self, seconds: float) -> str:
         """One line for the CLI."""
@@ -58,42 +61,60 @@ class Dispatched:
 
 
 def dispatch_pending(
-    engine: Engine, app: Celery, settings: Settings, *, dataset_id: int | None = None, router: Router | None = None
+    engine: Engine,
+    app: Celery,
+    settings: Settings,
+    *,
+    dataset_id: int | None = None,
+    router: Router | None = None,
+    max_pages: int | None = None,
 ) -> Dispatched:
     """Top up each queue's window: send pending jobs (of one dataset, or all; higher priority first) until the
-    queue holds settings.dispatch_window queued jobs. Paused datasets' jobs stay pending.
+    queue holds its window of queued jobs (Router.window). Paused datasets' jobs stay pending.
 
     Each page is taken in one transaction (FOR UPDATE SKIP LOCKED on PostgreSQL; on SQLite, a guarded UPDATE …
     RETURNING under its single writer), so two dispatchers never take the same job; the taken jobs are published
     after the commit. A crash in between leaves jobs queued without a message, which resend_lost sends again.
-    Jobs no live pool can serve stay pending with the reason recorded (farm/dispatch/routing.py).
+    Jobs no live pool can serve stay pending with the reason recorded (farm/dispatch/routing.py). `max_pages`
+    bounds the pages read (the leader's every-second top-up: what is left is `waiting`, for the next round).
     """
     router = router or Router.load(engine, settings)
-    room = _Room(settings.dispatch_window)
+    room = _Room(lambda queue: router.window(queue, settings.batch_size, settings.dispatch_window))
+    room.page_size = min(_PAGE, 2 * sum(room.window(q) for q in router.queues()))
     sent_jobs = sent_tasks = unroutable = 0
+    per_queue: dict[str, int] = {}
     waiting = False
+    pages = 0
     for level in _pending_priorities(engine, dataset_id):
         after: str | None = ""
         while after is not None and not room.all_full():
+            if max_pages is not None and pages >= max_pages:
+                waiting = True
+                break
+            pages += 1
             taken, stranded, full, after = _take_page(engine, router, room, dataset_id, after, level, settings)
+            room.page_size = min(_PAGE, 2 * room.page_size)  # a backlog the windows do not take: larger pages
             waiting = waiting or full
             unroutable += sum(len(ids) for ids in stranded.values())
             sent_tasks += _publish_groups(app, engine, settings, taken, level, sent_jobs)
             sent_jobs += sum(len(ids) for _key, _queue, ids in taken)
+            for _key, queue, ids in taken:
+                per_queue[queue] = per_queue.get(queue, 0) + len(ids)
         waiting = waiting or after is not None
     if sent_jobs or unroutable:
         log.info("dispatched %d jobs in %d tasks; %d unroutable", sent_jobs, sent_tasks, unroutable)
-    return Dispatched(sent_jobs, sent_tasks, unroutable, waiting)
+    return Dispatched(sent_jobs, sent_tasks, unroutable, waiting, per_queue)
 
 
 class _Room:
     """How many more jobs each queue's window takes: counted in each page's transaction (after the dispatch lock,
     on PostgreSQL, so concurrent dispatchers never overfill it), then kept up to date within the page."""
 
-    def __init__(self, window: int) -> None:
-        self.window = window
+    def __init__(self, window: Callable[[str], int]) -> None:
+        self.window = window  # queue → the most queued jobs it may hold
         self._left: dict[str, int] = {}
         self._conn: Connection | None = None
+        self.page_size = _PAGE  # pending rows read by the next page: twice what the windows take, then doubling
 
     def recount(self, conn: Connection) -> None:
         """Forget the counts: the next page counts again, in its own transaction."""
@@ -106,7 +127,7 @@ class _Room:
             queued = self._conn.execute(
                 select(func.count()).where(Job.status == JobStatus.QUEUED.value, Job.queue == queue)
             ).scalar_one()
-            self._left[queue] = max(0, self.window - int(queued))
+            self._left[queue] = max(0, self.window(queue) - int(queued))
         return self._left[queue]
 
     def use(self, queue: str, count: int) -> None:
@@ -116,10 +137,6 @@ class _Room:
         """Every queue met so far is full: pages further on would only be read and locked for nothing. (A pool
         whose jobs all lie behind a full pool's waits for the next round, when the full pool has drained.)"""
         return bool(self._left) and not any(self._left.values())
-
-    @property
-    def page_size(self) -> int:
-        return min(_PAGE, 2 * self.window)
 
 
 def _take_page(
@@ -148,7 +165,7 @@ def _take_page(
         for key, job_ids in group_jobs(page, router.largest_task(settings.batch_size)):
             group = dict(zip(RENDER_GROUP_FIELDS, key, strict=True))
             pixels = group["width"] * group["height"]
-            route = router.route(Needs(group["model"], group["controlnet"], pixels, group["quantize"]))
+            route = router.route(Needs(group["model"], group["controlnet"], pixels, group["quantize"], group["scorer"]))
             if route.queue is None:
                 stranded.setdefault(route.reason or "unroutable", []).extend(job_ids)
                 continue
@@ -194,6 +211,32 @@ def _publish(app: Celery, producer: Any, queue: Any, job_ids: list[str], priorit
     )
     # kombu's Redis transport serves message priority 0 first; ours is "higher first", so invert it.
     app.amqp.send_task_message(producer, RENDER_TASK, message, queue=queue, retry=False, priority=9 - priority)
+
+
+def queued_per_queue(engine: Engine) -> dict[str, int]:
+    """Queued jobs per queue: what each window holds now (ix_jobs_status_queued: as many rows as the windows hold)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Job.queue, func.count()).where(Job.status == JobStatus.QUEUED.value).group_by(Job.queue)
+        ).all()
+    return {str(queue): int(n) for queue, n in rows if queue is not None}
+
+
+def has_room(settings: Settings, router: Router, queued: dict[str, int]) -> bool:
+    """Whether some queue's window has room for a task, given what each holds: what the leader checks every second
+    before topping up."""
+    return any(
+        router.window(queue, settings.batch_size, settings.dispatch_window) - int(queued.get(queue, 0))
+        >= min(router.task_jobs(queue, settings.batch_size), settings.dispatch_window)
+        for queue in router.queues()
+    )
+
+
+def newest_pending(engine: Engine) -> Any:
+    """When the newest pending job was created (None: no pending job): one step down ix_jobs_status_created. The
+    leader compares it between ticks to send what `farm submit` just recorded within a second."""
+    with engine.connect() as conn:
+        return conn.execute(select(func.max(Job.created_at)).where(Job.status == JobStatus.PENDING.value)).scalar()
 
 
 def resend_lost(engine: Engine, app: Celery, settings: Settings, *, grace_s: float) -> int:
@@ -266,14 +309,14 @@ def _groups_of(conn: Connection, job_ids: list[str]) -> list[tuple[int, PendingR
 
 
 def reap_and_dispatch(
-    engine: Engine, app: Celery, settings: Settings, *, grace_s: float = 10.0
+    engine: Engine, app: Celery, settings: Settings, *, grace_s: float = 10.0, router: Router | None = None
 ) -> tuple[transitions.Reaped, int, Dispatched]:
     """One round of the control loop (and of `farm reap`): expired leases back to pending, or failed after the
     last attempt; lost messages sent again; then each queue's window topped up."""
     with engine.begin() as conn:
         reaped = transitions.reap_expired(conn, max_attempts=settings.max_attempts)
     resent = resend_lost(engine, app, settings, grace_s=grace_s)
-    return reaped, resent, dispatch_pending(engine, app, settings)
+    return reaped, resent, dispatch_pending(engine, app, settings, router=router)
 
 
 def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[tuple[PendingRow, list[str]]]:
@@ -292,12 +335,11 @@ def group_jobs(rows: Iterable[PendingRow], batch_size: int) -> Iterable[tuple[Pe
 
 
 def _pending_priorities(engine: Engine, dataset_id: int | None) -> list[int]:
+    """The priorities of unpaused datasets with a pending job: one index probe per dataset (ix_jobs_dataset_status),
+    never a pass over the pending jobs, so a round with nothing to send costs next to nothing."""
+    waiting = exists().where(Job.dataset_id == Dataset.id, Job.status == JobStatus.PENDING.value)
     query = (
-        select(Dataset.priority)
-        .join(Job, Job.dataset_id == Dataset.id)
-        .where(Job.status == JobStatus.PENDING.value, Dataset.paused.is_(False))
-        .distinct()
-        .order_by(Dataset.priority.desc())
+        select(Dataset.priority).where(waiting, Dataset.paused.is_(False)).distinct().order_by(Dataset.priority.desc())
     )
     if dataset_id is not None:
         query = query.where(Dataset.id == dataset_id)

@@ -50,7 +50,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from sqlalchemy import BigInteger, Float, Integer, and_, func, or_, select
+from sqlalchemy import BigInteger, Boolean, Float, Integer, and_, func, or_, select
 from sqlalchemy.engine import Engine
 
 from farm.errors import FarmError, StorageError
@@ -58,7 +58,7 @@ from farm.job import EXPORT_FIELDS, ExportField
 from farm.outputs.destinations import Destination, open_destination
 from farm.storage import Storage
 from farm.store.queries import dataset_id
-from farm.store.schema import Job, JobStatus, utcnow
+from farm.store.schema import AcceptanceLine, Job, JobStatus, utcnow
 
 __all__ = [
     "DEFAULT_PARALLEL",
@@ -141,6 +141,8 @@ def _kind(field: ExportField) -> str:
         return "int32"
     if isinstance(column_type, Float):
         return "float64"
+    if isinstance(column_type, Boolean):
+        return "bool_"
     return "string"
 
 
@@ -156,6 +158,8 @@ def _value(field: ExportField, value: Any) -> Any:
     if field.source == "finished_at":
         return value.isoformat()
     kind = _KINDS[field.name]
+    if kind == "bool_":
+        return bool(value)
     return int(value) if kind.startswith("int") else float(value) if kind == "float64" else value
 
 
@@ -237,6 +241,7 @@ class _Manifest:
     ahead: dict[str, Key] = field(default_factory=dict)  # exported rows past the watermark (few, or none)
     legacy_ids: set[str] | None = None  # a version 1 manifest's id list, until a run has converted it
     stored: dict[str, Any] | None = None  # what the destination's manifest says now (to_json, no timestamp)
+    accepted_only: bool = False  # only accepted tries of yield-targeted lines (and jobs without rules)
 
     def to_json(self, *, stamped: bool = True) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -252,16 +257,18 @@ class _Manifest:
             doc["updated_at"] = utcnow().isoformat()
         if self.fmt == "imagefolder":
             doc["metadata_bytes"] = self.metadata_bytes
+        if self.accepted_only:
+            doc["accepted_only"] = True
         if self.legacy_ids is not None:
             doc["job_ids"] = sorted(self.legacy_ids)  # a conversion that did not finish: kept until one does
         return doc
 
 
-def _read_manifest(dest: Destination, staging: Path, dataset: str, fmt: str) -> _Manifest:
+def _read_manifest(dest: Destination, staging: Path, dataset: str, fmt: str, accepted_only: bool) -> _Manifest:
     """The destination's manifest, or an empty one; refuses a destination holding another export."""
     path = staging / MANIFEST
     if not dest.fetch(MANIFEST, path):
-        return _Manifest(dataset=dataset, fmt=fmt)
+        return _Manifest(dataset=dataset, fmt=fmt, accepted_only=accepted_only)
     try:
         doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -272,11 +279,19 @@ def _read_manifest(dest: Destination, staging: Path, dataset: str, fmt: str) -> 
             f"the destination already holds a {doc.get('format')} export of dataset "
             f"{doc.get('dataset')!r}; export {fmt} of {dataset!r} to another place"
         )
+    if bool(doc.get("accepted_only", False)) != accepted_only:
+        held = "only accepted images" if doc.get("accepted_only") else "every image"
+        raise ValueError(
+            f"the destination holds an export of {held} of {dataset!r}; export "
+            f"{'only accepted images' if accepted_only else 'every image'} to another place"
+        )
     version = int(doc.get("version", 1))
     if version > _MANIFEST_VERSION:
         raise FarmError(f"the export manifest {MANIFEST} is version {version}, written by a newer farm; upgrade")
     try:
-        manifest = _Manifest(dataset=dataset, fmt=fmt, next_part=int(doc.get("next_part", 0)))
+        manifest = _Manifest(
+            dataset=dataset, fmt=fmt, next_part=int(doc.get("next_part", 0)), accepted_only=accepted_only
+        )
         if version == 1:
             # The first format: every exported id. The converting run needs them (and they are in memory anyway).
             manifest.legacy_ids = set(doc["job_ids"])
@@ -314,6 +329,22 @@ class _Item:
 
 
 def _plan(engine: Engine, ds_id: int, manifest: _Manifest, cutoff: datetime) -> Iterator[_Item]:
+    """_all_rows, or with ``manifest.accepted_only`` the accepted tries (and rows without rules) only.
+
+    A try whose verdict is not decided yet (it waits for an earlier try of its line) stops the run there: the
+    watermark stays before it, and the next run starts from it once it is decided. Tries that were not accepted
+    pass by, not written."""
+    for item in _all_rows(engine, ds_id, manifest, cutoff):
+        if not manifest.accepted_only or item.row.data.get("line_id") is None:
+            yield item
+            continue
+        verdict = item.row.data.get("verdict")
+        if verdict is None:
+            return
+        yield item if verdict == "accepted" else _Item(item.row, False)
+
+
+def _all_rows(engine: Engine, ds_id: int, manifest: _Manifest, cutoff: datetime) -> Iterator[_Item]:
     """The rows after the watermark that finished by ``cutoff``, in key order, each marked new or not.
 
     Rows in ``manifest.ahead`` (and, while converting a version 1 manifest, its ids) were exported already: they
@@ -639,6 +670,7 @@ def export_dataset(
     shard_size: int = 1000,
     parallel: int = DEFAULT_PARALLEL,
     settle_s: float = DEFAULT_SETTLE_S,
+    accepted_only: bool | None = None,
 ) -> ExportResult:
     """Export the succeeded images of ``dataset`` to ``to``; rows exported there before are not written again.
 
@@ -647,6 +679,7 @@ def export_dataset(
     more than ``settle_s`` seconds ago are exported (the late-commit rule, in this module's docstring).
     Raises UnknownDataset, ValueError for a bad format, destination or option, CopyFailed when an image is
     missing, does not match its sha256 or cannot be written (after recording what was copied before it).
+    ``accepted_only``: only the accepted tries of yield-targeted lines (None: when the dataset has such lines).
     """
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -666,7 +699,9 @@ def export_dataset(
     with dest.staging() as tmp:
         staging = Path(tmp)
         # 2. What is already there.
-        manifest = _read_manifest(dest, staging, dataset, fmt)
+        if accepted_only is None:
+            accepted_only = _has_rules(engine, ds_id)
+        manifest = _read_manifest(dest, staging, dataset, fmt, accepted_only)
         run = _Run(dest, staging, storage, manifest, _Progress(manifest), parallel)
         # 3. The rows after the watermark, in key order, written as new parts; the manifest after each part.
         items = _plan(engine, ds_id, manifest, cutoff)
@@ -689,6 +724,13 @@ def export_dataset(
         images=run.images,
         held_back=max(0, _count_finished_after(engine, ds_id, cutoff) - exported_late),
     )
+
+
+def _has_rules(engine: Engine, ds_id: int) -> bool:
+    """Whether the dataset has yield-targeted lines (one indexed probe)."""
+    with engine.connect() as conn:
+        probe = select(AcceptanceLine.line_id).where(AcceptanceLine.dataset_id == ds_id).limit(1)
+        return conn.execute(probe).first() is not None
 
 
 def _nothing_unfinished(engine: Engine, ds_id: int) -> bool:

@@ -42,6 +42,26 @@ class PreviewImage:
     height: int
     sha256: str
     output_uri: str
+    # A yield-targeted try's scores and verdict (None otherwise): shown under the prompt, rejects framed in red.
+    clip_score: float | None = None
+    aesthetic_score: float | None = None
+    verdict: str | None = None
+    verdict_reason: str | None = None
+
+    @property
+    def scores_line(self) -> str | None:
+        """`clip 23.1 · aesthetic 5.2 · rejected`, or None for an unscored image without a verdict."""
+        parts = []
+        if self.clip_score is not None:
+            parts.append(f"clip {self.clip_score:.1f}")
+        if self.aesthetic_score is not None:
+            parts.append(f"aesthetic {self.aesthetic_score:.1f}")
+        if self.verdict is not None:
+            parts.append(self.verdict)
+        return " · ".join(parts) or None
+
+
+REJECT_COLOR = (220, 60, 60)  # the frame of a thumbnail whose try was not accepted
 
 
 @dataclass
@@ -61,18 +81,45 @@ def sheet_size(count: int, columns: int, thumb_px: int) -> tuple[int, int]:
     return cols * (thumb_px + PAD_PX) + PAD_PX, rows * (thumb_px + CAPTION_PX + PAD_PX) + PAD_PX
 
 
-def succeeded_images(engine: Engine, dataset: str, *, limit: int) -> list[PreviewImage]:
-    """The first `limit` succeeded jobs of a dataset, in file order."""
+def succeeded_images(engine: Engine, dataset: str, *, limit: int, verdict: str | None = None) -> list[PreviewImage]:
+    """The first `limit` succeeded jobs of a dataset (with that verdict, if given) that still have their image, in
+    file order (a line's tries in try order)."""
     ds_id = dataset_id(engine, dataset)
     query = (
-        select(Job.id, Job.prompt, Job.seed, Job.width, Job.height, Job.sha256, Job.output_uri)
-        .where(Job.dataset_id == ds_id, Job.status == JobStatus.SUCCEEDED.value)
-        .order_by(Job.source_line, Job.seed, Job.id)
+        select(
+            Job.id,
+            Job.prompt,
+            Job.seed,
+            Job.width,
+            Job.height,
+            Job.sha256,
+            Job.output_uri,
+            Job.clip_score,
+            Job.aesthetic_score,
+            Job.verdict,
+            Job.verdict_reason,
+        )
+        .where(Job.dataset_id == ds_id, Job.status == JobStatus.SUCCEEDED.value, Job.output_uri.is_not(None))
+        .order_by(Job.source_line, Job.line_id, Job.try_index, Job.seed, Job.id)
         .limit(limit)
     )
+    if verdict is not None:
+        query = query.where(Job.verdict == verdict)
     with engine.connect() as conn:
         return [
-            PreviewImage(row.id, row.prompt, row.seed, row.width, row.height, row.sha256 or "", row.output_uri or "")
+            PreviewImage(
+                row.id,
+                row.prompt,
+                row.seed,
+                row.width,
+                row.height,
+                row.sha256 or "",
+                row.output_uri or "",
+                row.clip_score,
+                row.aesthetic_score,
+                row.verdict,
+                row.verdict_reason,
+            )
             for row in conn.execute(query)
         ]
 
@@ -86,10 +133,11 @@ def make_preview(
     limit: int = 64,
     columns: int = 8,
     thumb_px: int = 128,
+    verdict: str | None = None,
 ) -> Preview:
     """Write OUT/contact_sheet.png, OUT/index.html, OUT/images/ (full size) and OUT/thumbs/."""
-    # 1. Which images: succeeded jobs, in file order.
-    wanted = succeeded_images(engine, dataset, limit=limit)
+    # 1. Which images: succeeded jobs (with that verdict), in file order.
+    wanted = succeeded_images(engine, dataset, limit=limit, verdict=verdict)
     if not wanted:
         raise FarmError(f"dataset {dataset!r} has no succeeded images yet: see `farm status {dataset}`")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,8 +185,16 @@ def contact_sheet(items: list[tuple[PreviewImage, Image.Image]], *, columns: int
         row, col = divmod(index, cols)
         left = PAD_PX + col * (thumb_px + PAD_PX)
         top = PAD_PX + row * (thumb_px + CAPTION_PX + PAD_PX)
-        sheet.paste(thumb, (left + (thumb_px - thumb.width) // 2, top + thumb_px - thumb.height))
-        for line_no, text in enumerate(_caption_lines(draw, font, item.prompt, thumb_px)):
+        at = (left + (thumb_px - thumb.width) // 2, top + thumb_px - thumb.height)
+        sheet.paste(thumb, at)
+        if item.verdict is not None and item.verdict != "accepted":
+            frame = (at[0], at[1], at[0] + thumb.width - 1, at[1] + thumb.height - 1)
+            draw.rectangle(frame, outline=REJECT_COLOR, width=3)
+        captions = _caption_lines(draw, font, item.prompt, thumb_px)
+        scores = item.scores_line
+        if scores is not None:  # the prompt's first line, then the scores
+            captions = [*captions[: CAPTION_LINES - 1], _fit(draw, font, scores, thumb_px, cut=False)]
+        for line_no, text in enumerate(captions):
             draw.text((left, top + thumb_px + 2 + line_no * LINE_PX), text, fill=CAPTION_COLOR, font=font)
     return sheet
 
@@ -169,6 +225,14 @@ def _fit(draw: ImageDraw.ImageDraw, font: _Font, text: str, width_px: int, *, cu
     return text.rstrip() + "…"
 
 
+def _scores_html(item: PreviewImage) -> str:
+    line = item.scores_line
+    if line is None:
+        return ""
+    reason = f" ({item.verdict_reason})" if item.verdict_reason else ""
+    return f"<br>{html.escape(line + reason)}"
+
+
 def write_gallery(path: Path, dataset: str, items: list[PreviewImage], *, thumb_px: int) -> Path:
     """index.html: each thumbnail links to its full image, with its prompt, seed and size (all escaped)."""
     title = html.escape(f"{dataset} — {len(items)} images")
@@ -177,7 +241,7 @@ def write_gallery(path: Path, dataset: str, items: list[PreviewImage], *, thumb_
         f'<img src="thumbs/{html.escape(item.job_id)}.png" width="{thumb_px}" loading="lazy" '
         f'alt="{html.escape(item.prompt)}"></a>'
         f"<figcaption>{html.escape(item.prompt)}<br><small>seed {item.seed} · {item.width}×{item.height} · "
-        f"{html.escape(item.job_id)}</small></figcaption></figure>"
+        f"{html.escape(item.job_id)}{_scores_html(item)}</small></figcaption></figure>"
         for item in items
     )
     path.write_text(

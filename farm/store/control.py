@@ -7,8 +7,10 @@ the duty last ran, and say so when nobody has run it for a while.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -17,6 +19,10 @@ from sqlalchemy.exc import IntegrityError
 from farm.store.schema import Control, utcnow
 
 REAPER = "reaper"
+# The pending jobs per pool that the leader counts (farm/dispatch/backlog.py): the row's note holds them as JSON.
+BACKLOG = "backlog"
+# A backlog count older than this many times its leader's spacing (and a minute) is not shown: nobody counts.
+_STALE_AFTER = 3
 
 
 def acquire(conn: Connection, duty: str, *, holder: str, ttl_s: float) -> bool:
@@ -82,6 +88,66 @@ def duty_state(engine: Engine, duty: str = REAPER) -> DutyState:
     if row is None:
         return DutyState(None, None, None)
     return DutyState(row.holder, row.last_run_at, row.note)
+
+
+def leader_alive(engine: Engine) -> bool:
+    """Whether a worker holds the reaper and dispatcher lease now (its control loop sends pending jobs)."""
+    with engine.connect() as conn:
+        expires = conn.execute(
+            select(Control.expires_at).where(Control.name == REAPER, Control.holder.is_not(None))
+        ).scalar()
+    return expires is not None and expires > utcnow()
+
+
+def store_backlog(
+    conn: Connection,
+    *,
+    holder: str,
+    pools: dict[str, int],
+    datasets: dict[int, dict[str, int]],
+    seconds: float,
+    every_s: float,
+) -> None:
+    """Record the pending jobs per pool (over unpaused datasets) and per dataset, if ``holder`` holds BACKLOG."""
+    figures = {
+        "pools": pools,
+        "datasets": {str(ds): per_pool for ds, per_pool in datasets.items()},
+        "seconds": round(seconds, 4),
+        "every_s": round(every_s, 1),
+    }
+    ran(conn, BACKLOG, holder=holder, note=json.dumps(figures, separators=(",", ":"), sort_keys=True))
+
+
+@dataclass(frozen=True)
+class BacklogFigures:
+    """The last backlog count: pending jobs per pool (datasets not paused), per dataset id, and its age."""
+
+    pools: dict[str, int]
+    datasets: dict[int, dict[str, int]]
+    age_s: float
+
+
+def read_backlog(conn: Connection, now: datetime | None = None) -> BacklogFigures | None:
+    """The stored backlog count; None when there is none, or when it is stale (no leader has counted lately)."""
+    row = conn.execute(select(Control.last_run_at, Control.note).where(Control.name == BACKLOG)).first()
+    if row is None or row.last_run_at is None or not row.note:
+        return None
+    try:
+        figures: dict[str, Any] = json.loads(row.note)
+        age = ((now or utcnow()) - row.last_run_at).total_seconds()
+        if age > max(60.0, _STALE_AFTER * float(figures.get("every_s", 10.0))):
+            return None
+        datasets = {int(ds): {str(p): int(n) for p, n in per.items()} for ds, per in figures["datasets"].items()}
+        return BacklogFigures({str(p): int(n) for p, n in figures["pools"].items()}, datasets, age)
+    except (ValueError, KeyError, TypeError, AttributeError):  # written by another version: no figures
+        return None
+
+
+def pending_per_pool(engine: Engine) -> dict[str, int] | None:
+    """The fleet's pending jobs per pool (unpaused datasets) from the last backlog count; None when stale."""
+    with engine.connect() as conn:
+        figures = read_backlog(conn)
+    return None if figures is None else figures.pools
 
 
 def interval_s(lease_s: float) -> float:

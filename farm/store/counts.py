@@ -19,6 +19,9 @@ from farm.store.schema import Dataset, Job, JobCount, JobStatus
 
 # Pending jobs that carry a routing note (dispatch found no live pool for them): counted beside the states.
 UNROUTABLE = "unroutable"
+# Each verdict (revision 0011) is a key of its own too: jobs of yield-targeted lines, by what their rules said.
+VERDICT_KEYS = ("accepted", "rejected", "duplicate", "unscored")
+NOT_STATES = (UNROUTABLE, *VERDICT_KEYS)
 # Migration 0010 backfills a PostgreSQL store of up to this many jobs in its own transaction (tens of ms under
 # the trigger's table lock); a larger one is backfilled by `farm db recount`, without blocking writers.
 INLINE_BACKFILL_MAX_JOBS = 200_000
@@ -43,6 +46,12 @@ def counted_jobs(conn: Connection, dataset_id: int) -> dict[str, int]:
     ).scalar_one()
     if unroutable:
         counts[UNROUTABLE] = int(unroutable)
+    verdicts = conn.execute(
+        select(Job.verdict, func.count())
+        .where(Job.dataset_id == dataset_id, Job.verdict.is_not(None))
+        .group_by(Job.verdict)
+    ).all()
+    counts.update({str(verdict): int(n) for verdict, n in verdicts})
     return counts
 
 
@@ -55,7 +64,7 @@ class Recounted:
     changes: dict[str, int]  # what was added to each stored count to make it right (0s left out)
 
     def describe(self) -> str:
-        total = sum(n for key, n in self.counts.items() if key != UNROUTABLE)
+        total = sum(n for key, n in self.counts.items() if key not in NOT_STATES)
         if not self.changes:
             return f"{self.dataset}: {total} jobs, counts were right"
         fixed = ", ".join(f"{key} {n:+d}" for key, n in sorted(self.changes.items()))
@@ -90,6 +99,8 @@ _PG_RECOUNT = text(
             UNION ALL
             SELECT 'unroutable', count(*) FROM jobs
             WHERE dataset_id = :ds AND status = 'pending' AND routing_note IS NOT NULL
+            UNION ALL
+            SELECT verdict, count(*) FROM jobs WHERE dataset_id = :ds AND verdict IS NOT NULL GROUP BY verdict
             UNION ALL
             SELECT status, -sum(n) FROM job_counts WHERE dataset_id = :ds GROUP BY status
         ) AS k GROUP BY key HAVING sum(n) <> 0

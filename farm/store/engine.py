@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import functools
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -73,33 +75,56 @@ def _alembic_config(engine: Engine) -> Any:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The schema revision the database is at (None for an empty database)."""
-    from alembic.runtime.migration import MigrationContext
-
+    """The schema revision the database is at (None for an empty database): alembic's version table, read without
+    importing alembic (half of a short command's start-up), since every command checks it."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) > 1:  # several heads: alembic says what is wrong
+        from alembic.runtime.migration import MigrationContext
+
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    return str(rows[0]) if rows else None
+
+
+# `revision = "0011"` / `down_revision = "0010"` (or None) at the top level of a migration script.
+_REVISION_LINE = re.compile(r"""^(revision|down_revision)\s*(?::[^=]*)?=\s*(?:["']([^"']+)["']|None)\s*$""", re.M)
+
+
+@functools.cache
+def _shipped() -> dict[str, str | None]:
+    """Every revision this code ships → the one it revises, read from the scripts' text (alembic would import
+    each script). The layout is checked against alembic's own reading by tests/test_db.py."""
+    import migrations
+
+    found: dict[str, str | None] = {}
+    for script in sorted((Path(migrations.__file__).parent / "versions").glob("*.py")):
+        values = {m.group(1): m.group(2) for m in _REVISION_LINE.finditer(script.read_text(encoding="utf-8"))}
+        if values.get("revision"):
+            found[values["revision"]] = values.get("down_revision")
+    return found
 
 
 def head_revision() -> str:
     """The newest revision this code ships."""
-    from alembic.script import ScriptDirectory
+    shipped = _shipped()
+    heads = set(shipped) - {down for down in shipped.values() if down}
+    if len(heads) == 1:
+        return heads.pop()
+    from alembic.script import ScriptDirectory  # not one line of history: alembic decides (or says why not)
 
     import migrations
 
-    script = ScriptDirectory(str(Path(migrations.__file__).parent))
-    head = script.get_current_head()
+    head = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
     assert head is not None
     return head
 
 
 def known_revisions() -> set[str]:
     """Every revision this code ships."""
-    from alembic.script import ScriptDirectory
-
-    import migrations
-
-    script = ScriptDirectory(str(Path(migrations.__file__).parent))
-    return {rev.revision for rev in script.walk_revisions()}
+    return set(_shipped())
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,11 +11,52 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from farm.errors import UnknownDataset
-from farm.store.counts import UNROUTABLE, counted_jobs, stored_counts
+from farm.store.control import BacklogFigures, read_backlog
+from farm.store.counts import NOT_STATES, UNROUTABLE, VERDICT_KEYS, counted_jobs, stored_counts
 from farm.store.schema import FINISHED, UNFINISHED, Dataset, DatasetRecipe, Job, JobStatus, utcnow
 
 # Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
 RATE_WINDOW_S = 120
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """A yield-targeted dataset's verdicts (job_counts) against what its lines want (datasets.accept_target)."""
+
+    target: int  # accepted images its lines want in all
+    accepted: int = 0
+    rejected: int = 0
+    duplicate: int = 0
+    unscored: int = 0
+
+    @property
+    def decided(self) -> int:
+        return self.accepted + self.rejected + self.duplicate + self.unscored
+
+    @property
+    def rate(self) -> float | None:
+        """Accepted per decided try so far."""
+        return self.accepted / self.decided if self.decided else None
+
+    @property
+    def projected_tries(self) -> int | None:
+        """Tries the dataset will have taken to reach its target at the acceptance rate so far (the lines' max_tries
+        may stop it short); None before any verdict or with none accepted yet."""
+        rate = self.rate
+        if not rate:
+            return None
+        return self.decided + math.ceil(max(self.target - self.accepted, 0) / rate)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "duplicate": self.duplicate,
+            "unscored": self.unscored,
+            "acceptance_rate": None if self.rate is None else round(self.rate, 4),
+            "projected_tries": self.projected_tries,
+        }
 
 
 @dataclass(frozen=True)
@@ -27,6 +69,10 @@ class DatasetStatus:
     eta_s: float | None
     unroutable: dict[str, int] = field(default_factory=dict)  # reason → pending jobs no live pool serves
     recipes: int = 0  # distinct render recipes its images were made with (dataset_recipes)
+    # Pool → its pending jobs, as the control loop's leader last counted them (farm/dispatch/backlog.py); None
+    # when no leader has counted lately (no worker runs).
+    pending_per_pool: dict[str, int] | None = None
+    acceptance: Acceptance | None = None  # for a dataset with yield-targeted lines
 
     @property
     def warnings(self) -> list[str]:
@@ -63,6 +109,8 @@ class DatasetStatus:
             "unroutable_reasons": self.unroutable,
             "recipes": self.recipes,
             "warnings": self.warnings,
+            "pending_per_pool": self.pending_per_pool,
+            "acceptance": None if self.acceptance is None else self.acceptance.as_dict(),
         }
 
 
@@ -80,6 +128,13 @@ class JobRow:
     worker: str | None
     output_uri: str | None
     error: str | None
+    # Yield-targeted lines only (else None): which try, its scores and verdict.
+    try_index: int | None = None
+    clip_score: float | None = None
+    aesthetic_score: float | None = None
+    nsfw: bool | None = None
+    verdict: str | None = None
+    verdict_reason: str | None = None
 
 
 def has_unfinished(engine: Engine) -> bool:
@@ -129,10 +184,13 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
         found = conn.execute(select(Dataset.id, Dataset.counts_ready).where(Dataset.name == name)).first()
         if found is None:
             raise UnknownDataset(f"no dataset named {name!r}")
-        return _status(conn, name, int(found.id), bool(found.counts_ready), now or utcnow())
+        now = now or utcnow()
+        return _status(conn, name, int(found.id), bool(found.counts_ready), now, read_backlog(conn, now))
 
 
-def _status(conn: Connection, name: str, ds_id: int, counts_ready: bool, now: datetime) -> DatasetStatus:
+def _status(
+    conn: Connection, name: str, ds_id: int, counts_ready: bool, now: datetime, backlog: BacklogFigures | None
+) -> DatasetStatus:
     """One dataset's status. Every query is bounded by the dataset's size in states, not in jobs: the counts are
     job_counts' rows (a dataset not backfilled yet, see farm/store/counts.py, counts its jobs instead), the rate
     reads the jobs finished in the window (ix_jobs_dataset_finished), the unroutable reasons are looked up only
@@ -157,7 +215,7 @@ def _status(conn: Connection, name: str, ds_id: int, counts_ready: bool, now: da
         select(func.count()).select_from(DatasetRecipe).where(DatasetRecipe.dataset_id == ds_id)
     ).scalar_one()
     counts = {s.value: 0 for s in JobStatus}
-    counts.update({key: n for key, n in stored.items() if key != UNROUTABLE})
+    counts.update({key: n for key, n in stored.items() if key not in NOT_STATES})
     remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
     rate = 0.0
     if recent and first is not None:
@@ -167,7 +225,13 @@ def _status(conn: Connection, name: str, ds_id: int, counts_ready: bool, now: da
         span = max((end - _aware(first, now)).total_seconds(), 1.0)
         rate = recent / span
     eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
-    return DatasetStatus(name, counts, rate, eta, {str(reason): int(n) for reason, n in stranded}, int(recipes))
+    per_pool = None if backlog is None else backlog.datasets.get(ds_id, {})
+    reasons = {str(reason): int(n) for reason, n in stranded}
+    target = conn.execute(select(Dataset.accept_target).where(Dataset.id == ds_id)).scalar() or 0
+    acceptance = None
+    if target or any(stored.get(key) for key in VERDICT_KEYS):
+        acceptance = Acceptance(int(target), *(int(stored.get(key, 0)) for key in VERDICT_KEYS))
+    return DatasetStatus(name, counts, rate, eta, reasons, int(recipes), per_pool, acceptance)
 
 
 def _aware(value: object, now: datetime) -> datetime:
@@ -224,11 +288,14 @@ def all_statuses(engine: Engine) -> list[DatasetStatus]:
         datasets = conn.execute(
             select(Dataset.id, Dataset.name, Dataset.counts_ready).order_by(Dataset.created_at, Dataset.id)
         ).all()
-        return [_status(conn, str(ds.name), int(ds.id), bool(ds.counts_ready), now) for ds in datasets]
+        backlog = read_backlog(conn, now)
+        return [_status(conn, str(ds.name), int(ds.id), bool(ds.counts_ready), now, backlog) for ds in datasets]
 
 
-def list_jobs(engine: Engine, name: str, *, state: str | None = None, limit: int = 50) -> list[JobRow]:
-    """Jobs of a dataset, optionally in one state, in file order."""
+def list_jobs(
+    engine: Engine, name: str, *, state: str | None = None, verdict: str | None = None, limit: int = 50
+) -> list[JobRow]:
+    """Jobs of a dataset, optionally in one state or with one verdict, in file order (a line's tries in order)."""
     ds_id = dataset_id(engine, name)
     query = (
         select(
@@ -242,12 +309,20 @@ def list_jobs(engine: Engine, name: str, *, state: str | None = None, limit: int
             Job.worker,
             Job.output_uri,
             Job.error,
+            Job.try_index,
+            Job.clip_score,
+            Job.aesthetic_score,
+            Job.nsfw,
+            Job.verdict,
+            Job.verdict_reason,
         )
         .where(Job.dataset_id == ds_id)
-        .order_by(Job.source_file, Job.source_line, Job.seed)
+        .order_by(Job.source_file, Job.source_line, Job.line_id, Job.try_index, Job.seed)
         .limit(limit)
     )
     if state is not None:
         query = query.where(Job.status == state)
+    if verdict is not None:
+        query = query.where(Job.verdict == verdict)
     with engine.connect() as conn:
         return [JobRow(**row._asdict()) for row in conn.execute(query)]

@@ -14,11 +14,13 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
     TypeDecorator,
     false,
+    text,
     true,
 )
 from sqlalchemy.engine import Dialect
@@ -83,6 +85,9 @@ class Dataset(Base):
     # Whether job_counts holds this dataset's exact counts (revision 0010): false only for a dataset that was on a
     # large PostgreSQL store before the counts existed, until `farm db recount` backfills it (farm/store/counts.py).
     counts_ready: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True, server_default=true())
+    # Accepted images its yield-targeted lines want in all (the sum of their `accept`; revision 0011), written by
+    # submits only: `farm status` projects the tries still needed from it.
+    accept_target: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
 
 
 class Job(Base):
@@ -112,6 +117,19 @@ class Job(Base):
     negative_prompt: Mapped[str | None] = mapped_column(Text)
     control_preprocess: Mapped[str | None] = mapped_column(String(80))
     timesteps: Mapped[str | None] = mapped_column(String(16))
+    # Yield-targeted lines (revision 0011, farm/store/verdicts.py); NULL for a job submitted without rules.
+    scorer: Mapped[str | None] = mapped_column(String(64))  # the scorer profile the worker scores it with
+    line_id: Mapped[str | None] = mapped_column(String(32))  # its line's try 0's id (acceptance_lines)
+    try_index: Mapped[int | None] = mapped_column(Integer)
+    # What the scorers said, written with the result by the attempt that won.
+    clip_score: Mapped[float | None] = mapped_column(Float)
+    aesthetic_score: Mapped[float | None] = mapped_column(Float)
+    nsfw: Mapped[bool | None] = mapped_column(Boolean)
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64))  # of the decoded pixels, not the PNG
+    scored_by: Mapped[str | None] = mapped_column(Text)  # JSON: the scorer models' ids
+    # accepted | rejected | duplicate | unscored, decided in try order for jobs of a line; the job stays succeeded.
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    verdict_reason: Mapped[str | None] = mapped_column(Text)
     # How the image was rendered, as JSON (models/recipe.py): written with the result by the attempt that won.
     recipe: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.PENDING.value)
@@ -146,7 +164,59 @@ class Job(Base):
         Index("ix_jobs_status_created", "status", "created_at"),
         # The dispatch window: queued jobs per queue, oldest send first.
         Index("ix_jobs_status_queued", "status", "queue", "queued_at"),
+        # A line's tries in order: the verdicts are decided along it.
+        Index(
+            "ix_jobs_line_try",
+            "line_id",
+            "try_index",
+            postgresql_where=text("line_id IS NOT NULL"),
+            sqlite_where=text("line_id IS NOT NULL"),
+        ),
     )
+
+
+class Verdict(StrEnum):
+    """What the acceptance rules said of a rendered try (a job that rendered stays succeeded)."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"  # a threshold or the safety rule
+    DUPLICATE = "duplicate"  # the same pixels as, or too close to, an accepted earlier try of its line
+    UNSCORED = "unscored"  # its line's rules need scores the worker did not give
+
+
+class AcceptanceLine(Base):
+    """A prompt line that wants `accept` accepted images in at most `max_tries` tries (revision 0011).
+
+    Written by the submit that first names it; then only the transaction that records a try of the line changes
+    it, holding its row lock, so the verdicts are decided one line at a time, in try order
+    (farm/store/verdicts.py).
+    """
+
+    __tablename__ = "acceptance_lines"
+
+    line_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False, index=True)
+    rules: Mapped[str] = mapped_column(Text, nullable=False)  # JSON, farm.submit.rules.Rules
+    base_seed: Mapped[int] = mapped_column(BigInteger, nullable=False)  # with the prompt and occurrence: the seeds
+    occurrence: Mapped[int] = mapped_column(Integer, nullable=False)
+    accept: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_tries: Mapped[int] = mapped_column(Integer, nullable=False)
+    tries: Mapped[int] = mapped_column(Integer, nullable=False)  # tries inserted so far (0 .. tries - 1)
+    decided: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")  # in try order
+    accepted: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+
+
+class JobEmbedding(Base):
+    """A scored image's CLIP embedding, float16 (revision 0011): near-duplicate checks and dataset-wide dedup."""
+
+    __tablename__ = "job_embeddings"
+
+    # Gone with its dataset; no key to jobs, so a bulk TRUNCATE of jobs (an operator's) is not refused.
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), nullable=False, index=True)
+    model: Mapped[str] = mapped_column(String(512), nullable=False)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # unit-norm, float16 little-endian
 
 
 class JobCount(Base):

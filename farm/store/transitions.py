@@ -11,12 +11,33 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, bindparam, cast, func, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    ColumnElement,
+    Float,
+    Integer,
+    String,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    column,
+    func,
+    or_,
+    select,
+    update,
+    values,
+)
 from sqlalchemy.engine import Connection
 
-from farm.job import CLAIMED_FIELDS, Claimed
+from farm.job import CLAIMED_FIELDS, Claimed, Scores
 from farm.storage import StoredObject
+from farm.store import verdicts
 from farm.store.schema import UNFINISHED, Dataset, DatasetRecipe, Job, JobStatus, utcnow
 
 # SQLite allows 32766 bound parameters; stay far below for IN lists.
@@ -125,9 +146,14 @@ def mark_succeeded(
     render_ms: int,
     recipe: str | None = None,
     noted: set[tuple[int, str]] | None = None,
+    scores: Scores | None = None,
+    lines: set[str] | None = None,
 ) -> bool:
-    """running → succeeded, only for the attempt that holds the job (worker and claim_seq), with a confirmed object
-    and the recipe it was rendered with (JSON, models/recipe.py)."""
+    """running → succeeded, only for the attempt that holds the job (worker and claim_seq), with a confirmed object,
+    the recipe it was rendered with (JSON, models/recipe.py) and its scores (farm/store/verdicts.py).
+
+    A try of a yield-targeted line has its line decided in this transaction; with ``lines`` given, its line is
+    added there instead, for the caller to decide once for a whole batch (mark_succeeded_many)."""
     result = conn.execute(
         update(Job)
         .where(_holds(worker, job_id, seq))
@@ -141,15 +167,26 @@ def mark_succeeded(
             render_ms=render_ms,
             recipe=recipe,
             error=None,
+            **verdicts.score_values(scores),
         )
-        .returning(Job.dataset_id)
+        .returning(Job.dataset_id, Job.line_id)
     )
-    dataset = result.scalar()
-    if dataset is not None and recipe is not None and (noted is None or (dataset, recipe) not in noted):
+    won = result.first()
+    if won is None:
+        return False
+    dataset = int(won.dataset_id)
+    if recipe is not None and (noted is None or (dataset, recipe) not in noted):
         note_recipe(conn, dataset, recipe)
         if noted is not None:
             noted.add((dataset, recipe))
-    return dataset is not None
+    if scores is not None:
+        verdicts.store_embedding(conn, job_id, dataset, scores)
+    if won.line_id is not None:
+        if lines is not None:
+            lines.add(won.line_id)
+        else:
+            verdicts.decide(conn, [won.line_id])
+    return True
 
 
 def note_recipe(conn: Connection, dataset_id: int, recipe: str) -> None:
@@ -172,25 +209,121 @@ def mark_succeeded_many(
     *,
     worker: str,
     recipes: Mapping[str, str] | None = None,
+    scores: Mapping[str, Scores] | None = None,
+    deletes: list[str] | None = None,
 ) -> set[str]:
     """mark_succeeded for a batch of (job id, seq, object, render ms), in the caller's one transaction; returns the
-    ids that were marked. `recipes`: each job's render recipe."""
+    ids that were marked. `recipes`: each job's render recipe; `scores`: each scored job's scores. The lines of
+    the batch's yield-targeted tries are decided once, at the end; `deletes` receives the URIs of images their
+    verdicts rejected with keep-rejected no (to delete once this transaction commits).
+
+    On PostgreSQL a batch is one guarded UPDATE … FROM (VALUES …): one statement (and one run of the counting
+    trigger) for the batch instead of one per image; each row keeps its own fence (worker, claim_seq, running)."""
     recipes = recipes or {}
-    noted: set[tuple[int, str]] = set()  # a batch shares its recipe: one insert per batch, not per image
-    return {
-        job_id
-        for job_id, seq, stored, render_ms in done
-        if mark_succeeded(
-            conn,
+    scores = scores or {}
+    if conn.dialect.name != "postgresql" or len(done) < 2:
+        noted: set[tuple[int, str]] = set()  # a batch shares its recipe: one insert per batch, not per image
+        lines: set[str] = set()
+        marked = {
+            job_id
+            for job_id, seq, stored, render_ms in done
+            if mark_succeeded(
+                conn,
+                job_id,
+                worker=worker,
+                seq=seq,
+                stored=stored,
+                render_ms=render_ms,
+                recipe=recipes.get(job_id),
+                noted=noted,
+                scores=scores.get(job_id),
+                lines=lines,
+            )
+        }
+    else:
+        won = _mark_succeeded_set(conn, done, worker=worker, recipes=recipes, scores=scores)
+        marked = {job_id for job_id, _dataset, _line in won}
+        datasets = {job_id: dataset for job_id, dataset, _line in won}
+        for dataset, recipe in {(datasets[j], r) for j, r in recipes.items() if j in datasets}:
+            note_recipe(conn, dataset, recipe)
+        for job_id in marked:
+            if job_id in scores:
+                verdicts.store_embedding(conn, job_id, datasets[job_id], scores[job_id])
+        lines = {line for _job, _dataset, line in won if line is not None}
+    if lines:
+        decided = verdicts.decide(conn, lines)
+        if deletes is not None:
+            deletes.extend(decided.delete_uris)
+    return marked
+
+
+_SCORE_COLUMNS: dict[str, Any] = {
+    "pixel_sha256": String(64),
+    "clip_score": Float(),
+    "aesthetic_score": Float(),
+    "nsfw": Boolean(),
+    "scored_by": Text(),
+}
+
+
+def _mark_succeeded_set(
+    conn: Connection,
+    done: Sequence[tuple[str, int, StoredObject, int]],
+    *,
+    worker: str,
+    recipes: Mapping[str, str],
+    scores: Mapping[str, Scores],
+) -> list[tuple[str, int, str | None]]:
+    """One guarded UPDATE for the batch (PostgreSQL); returns (job id, dataset id, line id) of the rows marked."""
+    rows = [
+        (
             job_id,
-            worker=worker,
-            seq=seq,
-            stored=stored,
-            render_ms=render_ms,
-            recipe=recipes.get(job_id),
-            noted=noted,
+            seq,
+            stored.uri,
+            stored.sha256,
+            stored.bytes,
+            render_ms,
+            recipes.get(job_id),
+            *(verdicts.score_values(scores.get(job_id)).get(name) for name in _SCORE_COLUMNS),
         )
-    }
+        for job_id, seq, stored, render_ms in done
+    ]
+    given = values(
+        column("id", String(32)),
+        column("seq", Integer()),
+        column("uri", Text()),
+        column("sha256", String(64)),
+        column("bytes", BigInteger()),
+        column("render_ms", Integer()),
+        column("recipe", Text()),
+        *(column(name, kind) for name, kind in _SCORE_COLUMNS.items()),
+        name="done",
+    ).data(rows)
+    scored = any(job_id in scores for job_id, *_rest in done)
+    result = conn.execute(
+        update(Job)
+        .where(
+            Job.id == given.c.id,
+            Job.id == any_(cast([job_id for job_id, *_rest in done], ARRAY(String))),
+            Job.status == JobStatus.RUNNING.value,
+            Job.worker == worker,
+            Job.claim_seq == given.c.seq,
+        )
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            output_uri=given.c.uri,
+            sha256=given.c.sha256,
+            bytes=given.c.bytes,
+            render_ms=given.c.render_ms,
+            recipe=cast(given.c.recipe, Text()),  # a column of NULLs in VALUES has no type of its own
+            error=None,
+            **({name: cast(given.c[name], kind) for name, kind in _SCORE_COLUMNS.items()} if scored else {}),
+        )
+        .returning(Job.id, Job.dataset_id, Job.line_id)
+    )
+    return [(str(job_id), int(dataset), line) for job_id, dataset, line in result]
 
 
 def mark_attempt_failed(
@@ -202,10 +335,14 @@ def mark_attempt_failed(
     error: str,
     max_attempts: int,
     retry_at: datetime | None = None,
+    deletes: list[str] | None = None,
 ) -> JobStatus | None:
     """running → queued for another attempt (sent at ``retry_at``), or → failed after the last one. Returns the
-    new state, or None if this attempt no longer holds the job (it was reaped, canceled or claimed again)."""
-    row = conn.execute(select(Job.attempts, Job.error).where(_holds(worker, job_id, seq))).first()
+    new state, or None if this attempt no longer holds the job (it was reaped, canceled or claimed again).
+
+    A try of a yield-targeted line that fails for good is spent: its line is decided on (and tries the next seed)
+    in this transaction; `deletes` receives what mark_succeeded_many's does."""
+    row = conn.execute(select(Job.attempts, Job.error, Job.line_id).where(_holds(worker, job_id, seq))).first()
     if row is None:
         return None
     attempts = row.attempts
@@ -220,7 +357,13 @@ def mark_attempt_failed(
     else:
         values["queued_at"] = retry_at or utcnow()
     result = conn.execute(update(Job).where(_holds(worker, job_id, seq), Job.attempts == attempts).values(**values))
-    return target if result.rowcount == 1 else None
+    if result.rowcount != 1:
+        return None
+    if target is JobStatus.FAILED and row.line_id is not None:
+        decided = verdicts.decide(conn, [row.line_id])
+        if deletes is not None:
+            deletes.extend(decided.delete_uris)
+    return target
 
 
 def _with_attempt(previous: str | None, line: str) -> str:
@@ -290,22 +433,21 @@ def reap_expired(conn: Connection, *, max_attempts: int) -> Reaped:
         .scalars()
         .all()
     )
-    failed = (
-        conn.execute(
-            update(Job)
-            .where(expired, Job.attempts >= max_attempts)
-            .values(
-                status=JobStatus.FAILED.value,
-                lease_expires_at=None,
-                finished_at=now,
-                error=_reaped_error,
-            )
-            .returning(Job.id)
+    failed = conn.execute(
+        update(Job)
+        .where(expired, Job.attempts >= max_attempts)
+        .values(
+            status=JobStatus.FAILED.value,
+            lease_expires_at=None,
+            finished_at=now,
+            error=_reaped_error,
         )
-        .scalars()
-        .all()
-    )
-    return Reaped(list(requeued), list(failed))
+        .returning(Job.id, Job.line_id)
+    ).all()
+    # Tries of yield-targeted lines that failed for good: their lines try the next seed. Images a verdict here
+    # rejects with keep-rejected no are no longer named by their rows; `farm gc` removes them.
+    verdicts.decide(conn, [line_id for _job_id, line_id in failed])
+    return Reaped(list(requeued), [job_id for job_id, _line_id in failed])
 
 
 def cancel(conn: Connection, *, dataset_id: int | None = None, job_ids: Sequence[str] = ()) -> int:

@@ -31,6 +31,13 @@ ROW_FIELDS = (
     "control_image",  # a condition image; a relative path resolves against the prompt file's folder
     "conditioning_scale",
     "negative_prompt",  # an input of jobs sampled with CFG (guidance_scale > 1); else counted: NEGATIVE_PROMPT_NOTE
+    # Acceptance rules of a yield-targeted line (farm/submit/rules.py).
+    "accept",
+    "max_tries",
+    "min_clip_score",
+    "min_aesthetic",
+    "safety",
+    "dedup",
 )
 ALIASES = {"steps": "num_inference_steps"}
 NEGATIVE_PROMPT_NOTE = (

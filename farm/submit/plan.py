@@ -14,14 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import InvalidSubmission
-from farm.job import JobSpec
-from farm.profiles import CONTROLNET_PROFILES, PROFILES, ModelChoice, resolve_controlnet, resolve_model
+from farm.job import JobSpec, derive_seed
+from farm.profiles import (
+    CONTROLNET_PROFILES,
+    PROFILES,
+    ModelChoice,
+    check_scorer,
+    resolve_controlnet,
+    resolve_model,
+)
+from farm.rules import Rules
 from farm.settings import Settings
 from farm.storage import Storage
 from farm.submit.conditions import MAX_CONDITION_BYTES, ConditionImage, ConditionImages, store_condition
-from farm.submit.fields import MAX_SEED, OPTIONS, SIZE_MULTIPLE, SIZE_RANGE, check_field, field_error
+from farm.submit.fields import MAX_SEED, OPTIONS, SIZE_MULTIPLE, SIZE_RANGE, FieldProblem, check_field, field_error
 from farm.submit.grid import Axis, parse_grid, variations
 from farm.submit.inputs import MAX_LINE_BYTES, Row, read_rows
+from farm.submit.rules import RULE_FIELDS, check_rule, row_rules
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUANTIZE_CHOICES = ("none", "int8", "int8-transformer")
@@ -30,6 +39,7 @@ TIMESTEPS_CHOICES = ("original",)
 # Settings' default (the release), for SubmitOptions built without a model; `farm submit` passes the dataset's
 # model or FARM_DEFAULT_MODEL.
 DEFAULT_MODEL = str(Settings.__dataclass_fields__["default_model"].default)
+DEFAULT_SCORER = str(Settings.__dataclass_fields__["default_scorer"].default)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,26 @@ class SubmitOptions:
     control_dirs: tuple[Path, ...] = ()
     control_image_max_bytes: int = MAX_CONDITION_BYTES
     max_line_bytes: int = MAX_LINE_BYTES  # a longer prompt line is refused without reading the rest
+    # Acceptance rules for every row without its own (farm/submit/rules.py); all None: no yield-targeted lines.
+    accept: int | None = None
+    max_tries: int | None = None
+    min_clip_score: float | None = None
+    min_aesthetic: float | None = None
+    safety: str | None = None
+    dedup: float | None = None
+    keep_rejected: bool = True
+    scorer: str | None = None  # the scorer profile for rows whose rules need scores; None: DEFAULT_SCORER
+
+
+@dataclass(frozen=True)
+class LinePlan:
+    """A yield-targeted line: its rules and what derives its follow-up tries' seeds."""
+
+    line_id: str  # its try 0's job id
+    rules: Rules
+    base_seed: int
+    occurrence: int
+    source: str  # FILE:LINE, for errors about it
 
 
 @dataclass(frozen=True)
@@ -75,6 +105,7 @@ class Plan:
     images_per_prompt: int = 1  # the option's value; a row may set its own
     negative_prompts: int = 0  # rows with a negative_prompt that is not used (NEGATIVE_PROMPT_NOTE)
     notes: tuple[str, ...] = ()  # warnings to show before recording (nothing is refused for them)
+    lines: tuple[LinePlan, ...] = ()  # yield-targeted lines (rows with acceptance rules)
 
     @property
     def planned(self) -> int:
@@ -121,6 +152,8 @@ class _Setup:
     choice: ModelChoice
     pinned_steps: int | None  # the controlnet recipe's one step count
     size_from_condition: bool  # rows without a size take their condition's (the original ControlNet demo's rule)
+    rule_options: dict[str, Any]  # the acceptance-rule options, checked
+    scorer: str  # the scorer profile of rows whose rules need scores
 
 
 def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
@@ -170,6 +203,16 @@ def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
         and not size_given
         and (options.condition is not None or (adapter is not None and adapter.preprocess is not None))
     )
+    rule_options = {name: getattr(options, name) for name in RULE_FIELDS}
+    for name, value in rule_options.items():
+        rule_options[name] = _rule_option(name, value)
+    scorer = check_scorer(options.scorer or DEFAULT_SCORER)
+    if any(v is not None for v in rule_options.values()) and "seed" in grid.fields:
+        raise InvalidSubmission(
+            "--vary seed sets every image's seed, but a line with acceptance rules derives its tries' seeds",
+            field="vary",
+            value="seed",
+        )
     return _Setup(
         options,
         model.name,
@@ -179,7 +222,16 @@ def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
         model,
         pinned,
         from_condition,
+        rule_options,
+        scorer,
     )
+
+
+def _rule_option(name: str, value: Any) -> Any:
+    try:
+        return check_rule(name, value)
+    except FieldProblem as exc:
+        raise field_error(OPTIONS, name, exc.shown, exc.message, option=True) from None
 
 
 def _model_choice(options: SubmitOptions, adapter: Any) -> ModelChoice:
@@ -210,8 +262,9 @@ def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
     occurrences: Counter[str] = Counter()
     duplicates = negative_prompts = 0
     notes: dict[str, None] = {}
+    lines: dict[str, LinePlan] = {}
     for row in rows:
-        row_specs = _expand(row, setup, occurrences)
+        row_specs = _expand(row, setup, occurrences, lines)
         negative_prompts += _has_negative_prompt(row) and any(spec.negative_prompt is None for spec in row_specs)
         for spec in row_specs:
             note = setup.choice.sampler.guidance_note(spec.guidance_scale)
@@ -235,6 +288,7 @@ def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
         images_per_prompt=options.images_per_prompt,
         negative_prompts=negative_prompts,
         notes=tuple(notes),
+        lines=tuple(lines.values()),
     )
 
 
@@ -252,16 +306,6 @@ def store_conditions(plan: Plan, storage: Storage) -> Plan:
         for spec in plan.specs
     ]
     return replace(plan, specs=specs)
-
-
-def derive_seed(base_seed: int, prompt: str, occurrence: int, index: int) -> int:
-    """A per-image seed from the base seed, the prompt, which repeat of it this is and the image index.
-
-    Stable when lines are appended or lines of different prompts are reordered, so a resubmitted file maps
-    onto the same jobs; moving repeats of one prompt around swaps which repeat gets which seed.
-    """
-    digest = hashlib.sha256(f"{base_seed}\0{prompt}\0{occurrence}\0{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & MAX_SEED
 
 
 def _check_defaults(defaults: dict[str, Any], seed: int) -> None:
@@ -426,7 +470,7 @@ def _condition_size(image: ConditionImage) -> tuple[int, int]:
     return fit(image.width), fit(image.height)
 
 
-def _expand(row: Row, setup: _Setup, occurrences: Counter[str]) -> list[JobSpec]:
+def _expand(row: Row, setup: _Setup, occurrences: Counter[str], lines: dict[str, LinePlan]) -> list[JobSpec]:
     defaults, base_seed, model = setup.defaults, setup.options.seed, setup.model
     control, grid = setup.control, setup.grid
     fields = {**defaults, **row.fields}
@@ -448,11 +492,22 @@ def _expand(row: Row, setup: _Setup, occurrences: Counter[str]) -> list[JobSpec]
     control_sha256 = image.sha256 if image is not None else None
     occurrence = occurrences[prompt]
     occurrences[prompt] += 1
+    rules = row_rules(
+        row,
+        setup.rule_options,
+        values["images_per_prompt"],
+        keep_rejected=setup.options.keep_rejected,
+        scorer=setup.scorer,
+    )
+    if rules is not None and "seed" in grid.fields:
+        raise field_error(row, "seed", "--vary seed", "a line with acceptance rules derives its tries' seeds")
+    count = rules.accept if rules is not None else values["images_per_prompt"]
     specs = []
     for variation in grid.variations:
         varied = {**values, **variation}
         _check_sampler(row, setup, varied, variation)
-        for index in range(values["images_per_prompt"]):
+        line_id: str | None = None
+        for index in range(count):
             if "seed" in variation:
                 seed = variation["seed"]
             elif explicit_seed is not None:
@@ -483,6 +538,12 @@ def _expand(row: Row, setup: _Setup, occurrences: Counter[str]) -> list[JobSpec]
                     timesteps=setup.options.timesteps,
                 )
             )
+            if rules is not None:
+                # Every try of the line names its try 0, whose id is the line's: the same on every resubmit.
+                line_id = line_id or specs[-1].id_in(setup.options.dataset)
+                specs[-1] = replace(specs[-1], scorer=rules.scorer, line_id=line_id, try_index=index)
+        if rules is not None and line_id is not None and line_id not in lines:
+            lines[line_id] = LinePlan(line_id, rules, base_seed, occurrence, f"{row.path}:{row.line}")
     return specs
 
 

@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Column, MetaData, Table, insert, select, true
+from sqlalchemy import Column, MetaData, Table, func, insert, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from farm.errors import InvalidSubmission
 from farm.job import INPUT_FIELDS
-from farm.store.schema import Dataset, Job, JobStatus, utcnow
+from farm.rules import Rules
+from farm.store.schema import AcceptanceLine, Dataset, Job, JobStatus, utcnow
 from farm.submit.plan import Plan
 
 _INSERT_CHUNK = 5_000
@@ -44,6 +46,8 @@ def record(engine: Engine, plan: Plan) -> Recorded:
     with engine.begin() as conn:
         dataset_id = _dataset_id(conn, plan.dataset)
         staging = _staging_table()
+        # A refused submit rolls back its own DROP (SQLite), leaving the table on this pooled connection.
+        staging.drop(conn, checkfirst=True)
         staging.create(conn)
         try:
             rows = (
@@ -63,9 +67,88 @@ def record(engine: Engine, plan: Plan) -> Recorded:
             # rowcount of an INSERT is only kept when asked for (SQLAlchemy 2: preserve_rowcount).
             stmt = _insert_ignoring_conflicts(conn).from_select(columns, moved)
             added = conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount
+            # A line keeps the rules of its first submit: another submit of its jobs must name the same ones
+            # (only jobs that were there already can clash: nothing to look at when every row was new).
+            if added < len(plan.specs):
+                _check_same_lines(conn, staging)
         finally:
             staging.drop(conn)
+        if plan.lines:
+            _record_lines(conn, dataset_id, plan)
     return Recorded(dataset_id, plan.dataset, added, len(plan.specs) - added)
+
+
+def _check_same_lines(conn: Connection, staging: Table) -> None:
+    """Refuse (rolling everything back) a job already recorded with another line, or with rules / without them."""
+    clash = conn.execute(
+        select(staging.c.source_file, staging.c.source_line, staging.c.line_id, Job.line_id)
+        .join(Job, Job.id == staging.c.id)
+        .where(func.coalesce(Job.line_id, "") != func.coalesce(staging.c.line_id, ""))
+        .limit(1)
+    ).first()
+    if clash is None:
+        return
+    source_file, source_line, new, old = clash
+    had = "with acceptance rules" if old is not None else "without acceptance rules"
+    raise InvalidSubmission(
+        f"this image was first submitted {had}; a line keeps the rules of its first submit "
+        "(submit it to another dataset, or with the same rules)",
+        path=source_file,
+        line=source_line,
+        field="accept",
+        value=None if new is None else "rules",
+    )
+
+
+def _record_lines(conn: Connection, dataset_id: int, plan: Plan) -> None:
+    """Each new line with its rules; a line already there must have been submitted with the same rules."""
+    ids = [line.line_id for line in plan.lines]
+    stored: dict[str, str] = {}
+    for start in range(0, len(ids), _INSERT_CHUNK):
+        chunk = ids[start : start + _INSERT_CHUNK]
+        stored.update(
+            conn.execute(
+                select(AcceptanceLine.line_id, AcceptanceLine.rules).where(AcceptanceLine.line_id.in_(chunk))
+            ).all()
+        )
+    new = []
+    for line in plan.lines:
+        before = stored.get(line.line_id)
+        if before is None:
+            new.append(line)
+            continue
+        differences = Rules.from_json(before).differences(line.rules)
+        if differences:
+            path, _, number = line.source.rpartition(":")
+            raise InvalidSubmission(
+                f"the line was first submitted with other acceptance rules ({'; '.join(differences)})",
+                path=path,
+                line=int(number) if number.isdigit() else None,
+                field=differences[0].split(":")[0].replace("-", "_"),
+                value=None,
+            )
+    rows = [
+        {
+            "line_id": line.line_id,
+            "dataset_id": dataset_id,
+            "rules": line.rules.to_json(),
+            "base_seed": line.base_seed,
+            "occurrence": line.occurrence,
+            "accept": line.rules.accept,
+            "max_tries": line.rules.max_tries,
+            "tries": line.rules.accept,
+            "decided": 0,
+            "accepted": 0,
+        }
+        for line in new
+    ]
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        conn.execute(_insert_ignoring_conflicts(conn, AcceptanceLine), rows[start : start + _INSERT_CHUNK])
+    if new:
+        target = sum(line.rules.accept for line in new)
+        conn.execute(
+            update(Dataset).where(Dataset.id == dataset_id).values(accept_target=Dataset.accept_target + target)
+        )
 
 
 # The job's inputs, as farm/job.py defines them, between its keys and its starting state.

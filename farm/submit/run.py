@@ -1,6 +1,9 @@
-"""A whole submission, as `farm submit` and `farm.Client` run it: plan → store conditions → record → dispatch.
+"""A whole submission, as `farm submit` and `farm.Client` run it: plan → store conditions → record.
 
 plan.py validates and expands, record.py writes; this module strings the steps together and says what happened.
+Publishing is not a submit's step: the workers' control-loop leader sends pending jobs into the broker's window
+within a second of their recording (workers/control.py), highest priority first. `dispatch=True` (`farm submit
+--dispatch`) also publishes a window now, as `farm dispatch` does.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def submit_file(
     path: Path,
     options: SubmitOptions,
     *,
-    dispatch: bool = True,
+    dispatch: bool = False,
     dry_run: bool = False,
     echo: Echo | None = None,
     priority: int | None = None,
@@ -114,17 +117,18 @@ def submit_plan(
     settings: Settings,
     plan: Plan,
     *,
-    dispatch: bool = True,
+    dispatch: bool = False,
     dry_run: bool = False,
     echo: Echo | None = None,
     engine: Engine | None = None,
     priority: int | None = None,
 ) -> SubmitResult:
-    """Report the job count, then (unless a dry run) store condition images, record and dispatch.
+    """Report the job count, then (unless a dry run) store condition images and record the jobs as pending; the
+    workers' leader sends them. With `dispatch`, also publish a window now (the broker down: BrokerUnavailable,
+    the jobs stay pending).
 
     Progress lines go to `echo`; the first, the job count, comes before anything is written. A dry run
-    touches no database, storage or broker. With the broker down the jobs are recorded as pending and
-    BrokerUnavailable is raised; `farm dispatch` (or Client.dispatch) sends them later.
+    touches no database, storage or broker; without `dispatch` the broker is never touched.
     """
     if priority is not None and not 0 <= priority <= 9:
         raise InvalidSubmission(f"priority must be between 0 and 9, got {priority}", field="priority", value=priority)
@@ -181,13 +185,26 @@ def submit_plan(
             with store.begin() as conn:
                 transitions.set_priority(conn, recorded.dataset_id, priority)
         if not dispatch:
+            say(_who_sends(store))
             return result
-        # 3. Publish the pending jobs (ids only) and mark them queued.
+        # 3. Publish a window of pending jobs (ids only) now and mark them queued.
         sent = dispatch_dataset(settings, store, recorded.dataset_id, echo=say)
         return replace(result, dispatched=sent.jobs, tasks=sent.tasks)
     finally:
         if own_engine:
             store.dispose()
+
+
+def _who_sends(engine: Engine) -> str:
+    """What happens to the recorded jobs next: a running worker's leader sends them, or nobody yet."""
+    from farm.store.control import leader_alive
+
+    if leader_alive(engine):
+        return "the workers' dispatcher sends them to the broker within a second, as their window has room"
+    return (
+        "no worker is running: the jobs wait as pending until `farm worker` starts "
+        "(its dispatcher sends them; `farm dispatch` publishes a window now)"
+    )
 
 
 def dispatch_dataset(
@@ -217,6 +234,10 @@ def summary_lines(plan: Plan) -> list[str]:
     if plan.duplicates:
         count += f", {len(plan.specs)} distinct ({plan.duplicates} duplicates folded)"
     lines = [count]
+    if plan.lines:
+        rules = {line.rules.describe(): None for line in plan.lines}
+        shown = next(iter(rules)) if len(rules) == 1 else f"{len(rules)} sets of rules (rows set their own)"
+        lines.append(f"{len(plan.lines)} yield-targeted lines, each wants {shown}")
     lines += [f"note: {note}" for note in plan.notes]
     if plan.negative_prompts:
         lines.append(f"note: {NEGATIVE_PROMPT_NOTE} ({plan.negative_prompts} rows had one)")
