@@ -65,7 +65,7 @@ class Farm:
     def start_worker(self) -> None:
         log = (self.home / "worker.log").open("w")
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "farm", "worker", "--loglevel", "WARNING"],
+            [sys.executable, "-m", "farm", "worker", "--loglevel", os.environ.get("WINDOW_LOGLEVEL", "WARNING")],
             cwd=self.code,
             env=self.env,
             stdout=log,

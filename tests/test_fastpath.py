@@ -16,6 +16,7 @@ Tolerances (README "Fast path"), on the tiny model, 2 images at 128 px, 4 LCM st
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,19 +208,33 @@ def test_a_batch_is_decoded_in_one_vae_call(tiny_dir: Path) -> None:
     assert batches == [3]
 
 
+@pytest.fixture()
+def inductor_setting() -> Iterator[Any]:
+    """torch's Inductor config, its fx_graph_cache put back after the test (the fast path turns it on). Set and
+    restored as the fast path sets it: monkeypatch's undo deletes the attribute, which torch's config module refuses
+    to know again afterwards."""
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.fx_graph_cache
+    yield inductor_config
+    inductor_config.fx_graph_cache = saved
+
+
 def test_compile_within_tolerance_and_its_cache_persists(
-    tiny_dir: Path, eager: tuple[np.ndarray, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path,
+    eager: tuple[np.ndarray, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    inductor_setting: Any,
 ) -> None:
     """torch.compile with Inductor on this CPU (slow: a few minutes on a busy 2-core machine, most of it compiling C++
     kernels of the transformer and the VAE decoder once). The compiled code lands in the cache folder, and after
     dynamo forgets everything a second compile loads it from there (what a second worker on the machine does)."""
     import torch._dynamo
-    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
     cache = tmp_path / "models" / "compile-cache"
     torch._dynamo.reset()
     try:
@@ -244,11 +259,10 @@ def test_compile_within_tolerance_and_its_cache_persists(
 
 
 def test_the_worker_applies_its_fast_path_when_it_loads_a_pipeline(
-    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inductor_setting: Any
 ) -> None:
     """FARM_FAST_PATH / --fast-path / a pool's fast_path reaches PipelineCache._load; the compile cache is the
     models volume's. (Module.compile compiles on the first call, so nothing is compiled here.)"""
-    import torch._inductor.config as inductor_config
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
     from farm.settings import load_settings
@@ -256,7 +270,6 @@ def test_the_worker_applies_its_fast_path_when_it_loads_a_pipeline(
 
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
     settings = load_settings(
         {"FARM_FAST_PATH": "fuse-qkv,channels-last,compile"}, home=str(tmp_path / "home"), device="cpu"
     )

@@ -50,9 +50,9 @@ def count_backlog(engine: Engine, router: Router) -> Backlog:
         paused_ids = set(conn.execute(select(Dataset.id).where(Dataset.paused.is_(True))).scalars())
     pools: dict[str, int] = {}
     datasets: dict[int, dict[str, int]] = {}
-    for ds_id, model, width, height, controlnet, quantize, n in rows:
+    for ds_id, model, width, height, controlnet, quantize, scorer, n in rows:
         paused = ds_id in paused_ids
-        pool = router.pool_for(Needs(str(model), controlnet, int(width) * int(height), quantize))
+        pool = router.pool_for(Needs(str(model), controlnet, int(width) * int(height), quantize, scorer))
         per_dataset = datasets.setdefault(int(ds_id), {})
         per_dataset[pool] = per_dataset.get(pool, 0) + int(n)
         if not paused:

@@ -223,13 +223,16 @@ def queued_per_queue(engine: Engine) -> dict[str, int]:
 
 
 def has_room(settings: Settings, router: Router, queued: dict[str, int]) -> bool:
-    """Whether some queue's window has room for a task, given what each holds: what the leader checks every second
-    before topping up."""
-    return any(
-        router.window(queue, settings.batch_size, settings.dispatch_window) - int(queued.get(queue, 0))
-        >= min(router.task_jobs(queue, settings.batch_size), settings.dispatch_window)
-        for queue in router.queues()
-    )
+    """Whether some queue's window is half empty (and has room for a task), given what each holds: what the leader
+    checks every second before topping up. Half a window is at least REFILL_S/2 seconds of its workers' work, more
+    than a tick, so they never wait; refilling by halves keeps the top-ups (and their fixed cost) few."""
+
+    def low(queue: str) -> bool:
+        window = router.window(queue, settings.batch_size, settings.dispatch_window)
+        task = min(router.task_jobs(queue, settings.batch_size), window)
+        return window - int(queued.get(queue, 0)) >= max(task, window // 2)
+
+    return any(low(queue) for queue in router.queues())
 
 
 def newest_pending(engine: Engine) -> Any:
