@@ -28,6 +28,7 @@ DATASET_KEYS = {
     "done",
     "unroutable",
     "unroutable_reasons",
+    "unroutable_reasons_estimated",
     "recipes",
     "warnings",
     "pending_per_pool",

@@ -13,7 +13,15 @@ from sqlalchemy.engine import Engine
 
 from farm.errors import UnknownDataset
 from farm.store.engine import ensure_schema, make_engine
-from farm.store.queries import RATE_WINDOW_S, all_statuses, dataset_id, dataset_status, list_jobs
+from farm.store.queries import (
+    RATE_SAMPLE,
+    RATE_WINDOW_S,
+    REASON_SAMPLE,
+    all_statuses,
+    dataset_id,
+    dataset_status,
+    list_jobs,
+)
 from farm.store.schema import Dataset, Job, JobStatus, utcnow
 
 # pending 3, queued 2, running 1, succeeded 5 (4 of them recent), failed 1, canceled 1
@@ -189,3 +197,55 @@ def test_a_finished_dataset_keeps_its_rate_after_the_run(engine: Engine) -> None
     assert finished.done and finished.eta_s == 0.0
     assert finished.images_per_s == pytest.approx(4 / 45)
     assert later.images_per_s == pytest.approx(4 / 45)
+
+
+def _bulk_jobs(engine: Engine, name: str, rows: list[dict[str, Any]], now: datetime) -> None:
+    """A dataset with the given jobs (each dict: status, and finished_at or routing_note)."""
+    with engine.begin() as conn:
+        ds_id = conn.execute(insert(Dataset).values(name=name, created_at=now).returning(Dataset.id)).scalar_one()
+        base = {"width": 64, "height": 64, "num_inference_steps": 1, "guidance_scale": 0.0, "model": "tiny",
+                "finished_at": None, "routing_note": None}  # fmt: skip
+        conn.execute(
+            insert(Job),
+            [
+                {**base, "id": f"{name}-{i}", "dataset_id": ds_id, "source_line": i + 1, "prompt": "p", "seed": i,
+                 "created_at": now - timedelta(hours=1), **row}
+                for i, row in enumerate(rows)
+            ],
+        )  # fmt: skip
+
+
+def test_the_rate_reads_the_newest_images_only_when_many_finished_in_the_window(engine: Engine) -> None:
+    """A fleet finishing more than RATE_SAMPLE images in the window: the rate is the newest RATE_SAMPLE's, so the
+    read stays bounded and shows the current speed (here 1,000 images 100 s ago, then RATE_SAMPLE + 500 in the last
+    10 s: over the whole window that would be ≈ 35 images/s)."""
+    now = utcnow()
+    burst = RATE_SAMPLE + 500
+    old = [{"status": "succeeded", "finished_at": now - timedelta(seconds=100)}] * 1000
+    fast = [{"status": "succeeded", "finished_at": now - timedelta(seconds=10 * i / burst)} for i in range(burst)]
+    _bulk_jobs(engine, "fleet", [*old, *fast, {"status": "pending"}], now)
+    status = dataset_status(engine, "fleet", now=now)
+    oldest_counted = 10 * (RATE_SAMPLE - 1) / burst
+    assert status.images_per_s == pytest.approx(RATE_SAMPLE / oldest_counted, rel=1e-3)
+    assert status.counts["succeeded"] == 1000 + burst
+
+
+def test_unroutable_reasons_beyond_the_sample_are_shares_of_the_exact_total(engine: Engine) -> None:
+    now = utcnow()
+    total = REASON_SAMPLE + 2000
+    notes = ["no pool has model a" if i % 4 else "no pool renders 2048x2048" for i in range(total)]
+    _bulk_jobs(engine, "stuck", [{"status": "pending", "routing_note": note} for note in notes], now)
+    status = dataset_status(engine, "stuck", now=now)
+    assert status.reasons_estimated
+    assert sum(status.unroutable.values()) == total
+    assert status.unroutable["no pool renders 2048x2048"] == pytest.approx(total / 4, rel=0.01)
+    payload = status.as_dict()
+    assert payload["unroutable"] == total and payload["unroutable_reasons_estimated"] is True
+
+
+def test_unroutable_reasons_are_exact_within_the_sample(engine: Engine) -> None:
+    now = utcnow()
+    notes = ["a" if i % 3 else "b" for i in range(30)]
+    _bulk_jobs(engine, "few", [{"status": "pending", "routing_note": note} for note in notes], now)
+    status = dataset_status(engine, "few", now=now)
+    assert status.unroutable == {"a": 20, "b": 10} and not status.reasons_estimated

@@ -80,8 +80,9 @@ def _print_statuses(statuses: list[Any], as_json: bool) -> None:
         counts = "  ".join(f"{state} {s.counts[state.value]}" for state in JobStatus)
         eta = "-" if s.eta_s is None else f"{s.eta_s:.0f} s"
         click.echo(f"{s.name}: {s.finished}/{s.total} finished  |  {counts}  |  {s.images_per_s:.2f} img/s  ETA {eta}")
+        about = "≈" if s.reasons_estimated else ""
         for reason, n in s.unroutable.items():
-            click.echo(f"  unroutable {n}: {reason}")
+            click.echo(f"  unroutable {about}{n}: {reason}")
         if s.acceptance is not None:
             click.echo(f"  {_acceptance_line(s.acceptance)}")
         for warning in s.warnings:

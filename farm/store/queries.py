@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
@@ -15,8 +14,14 @@ from farm.store.control import BacklogFigures, read_backlog
 from farm.store.counts import NOT_STATES, UNROUTABLE, VERDICT_KEYS, counted_jobs, stored_counts
 from farm.store.schema import FINISHED, UNFINISHED, Dataset, DatasetRecipe, Job, JobStatus, utcnow
 
-# Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed.
+# Throughput is measured over the recent past, so a paused-then-resumed run shows its current speed: the last
+# RATE_WINDOW_S, or the newest RATE_SAMPLE images when more than that many finished in it (a fleet at 1,000 images/s
+# finishes 120,000 in the window; reading that many index entries would make `farm status` grow with the fleet).
 RATE_WINDOW_S = 120
+RATE_SAMPLE = 2048
+# Why jobs are unroutable: read from at most this many of them (their total is exact, from job_counts); beyond it
+# the per-reason figures are the sample's shares of the total (DatasetStatus.reasons_estimated).
+REASON_SAMPLE = 10_000
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class DatasetStatus:
     images_per_s: float
     eta_s: float | None
     unroutable: dict[str, int] = field(default_factory=dict)  # reason → pending jobs no live pool serves
+    reasons_estimated: bool = False  # more unroutable jobs than REASON_SAMPLE: the figures per reason are shares
     recipes: int = 0  # distinct render recipes its images were made with (dataset_recipes)
     # Pool → its pending jobs, as the control loop's leader last counted them (farm/dispatch/backlog.py); None
     # when no leader has counted lately (no worker runs).
@@ -107,6 +113,7 @@ class DatasetStatus:
             "done": self.done,
             "unroutable": sum(self.unroutable.values()),
             "unroutable_reasons": self.unroutable,
+            "unroutable_reasons_estimated": self.reasons_estimated,
             "recipes": self.recipes,
             "warnings": self.warnings,
             "pending_per_pool": self.pending_per_pool,
@@ -191,47 +198,77 @@ def dataset_status(engine: Engine, name: str, *, now: datetime | None = None) ->
 def _status(
     conn: Connection, name: str, ds_id: int, counts_ready: bool, now: datetime, backlog: BacklogFigures | None
 ) -> DatasetStatus:
-    """One dataset's status. Every query is bounded by the dataset's size in states, not in jobs: the counts are
-    job_counts' rows (a dataset not backfilled yet, see farm/store/counts.py, counts its jobs instead), the rate
-    reads the jobs finished in the window (ix_jobs_dataset_finished), the unroutable reasons are looked up only
-    when the counts say there are unroutable jobs, and the recipes are a handful of rows."""
-    since = now - timedelta(seconds=RATE_WINDOW_S)
+    """One dataset's status. Every query reads a bounded number of rows, whatever the dataset's size and the
+    fleet's speed: the counts are job_counts' rows (a dataset not backfilled yet, see farm/store/counts.py, counts
+    its jobs instead), the rate reads at most RATE_SAMPLE entries of ix_jobs_dataset_finished, the unroutable
+    reasons at most REASON_SAMPLE jobs and only when the counts say there are unroutable jobs, and the recipes are
+    a handful of rows."""
     stored = stored_counts(conn, ds_id) if counts_ready else counted_jobs(conn, ds_id)
-    recent, first, last = conn.execute(
-        select(func.count(), func.min(Job.finished_at), func.max(Job.finished_at)).where(
-            Job.dataset_id == ds_id, Job.finished_at >= since, Job.status == JobStatus.SUCCEEDED.value
-        )
-    ).one()
-    stranded: list[Any] = []
-    if stored.get(UNROUTABLE, 0) > 0:
-        stranded = list(
-            conn.execute(
-                select(Job.routing_note, func.count())
-                .where(Job.dataset_id == ds_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None))
-                .group_by(Job.routing_note)
-            ).all()
-        )
-    recipes = conn.execute(
-        select(func.count()).select_from(DatasetRecipe).where(DatasetRecipe.dataset_id == ds_id)
-    ).scalar_one()
     counts = {s.value: 0 for s in JobStatus}
     counts.update({key: n for key, n in stored.items() if key not in NOT_STATES})
     remaining = sum(counts[s.value] for s in (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING))
-    rate = 0.0
-    if recent and first is not None:
-        # While work remains the window runs to now (a stalled farm shows its rate falling); once
-        # everything is finished it ends at the last image, so a finished run keeps its real rate.
-        end = _aware(last, now) if remaining == 0 and last is not None else now
-        span = max((end - _aware(first, now)).total_seconds(), 1.0)
-        rate = recent / span
+    rate = _rate(conn, ds_id, now, remaining)
     eta = remaining / rate if rate > 0 else (0.0 if remaining == 0 else None)
+    reasons, estimated = _reasons(conn, ds_id, stored.get(UNROUTABLE, 0))
+    recipes = conn.execute(
+        select(func.count()).select_from(DatasetRecipe).where(DatasetRecipe.dataset_id == ds_id)
+    ).scalar_one()
     per_pool = None if backlog is None else backlog.datasets.get(ds_id, {})
-    reasons = {str(reason): int(n) for reason, n in stranded}
     target = conn.execute(select(Dataset.accept_target).where(Dataset.id == ds_id)).scalar() or 0
     acceptance = None
     if target or any(stored.get(key) for key in VERDICT_KEYS):
         acceptance = Acceptance(int(target), *(int(stored.get(key, 0)) for key in VERDICT_KEYS))
-    return DatasetStatus(name, counts, rate, eta, reasons, int(recipes), per_pool, acceptance)
+    return DatasetStatus(name, counts, rate, eta, reasons, estimated, int(recipes), per_pool, acceptance)
+
+
+def _rate(conn: Connection, ds_id: int, now: datetime, remaining: int) -> float:
+    """Images/s over the successes of the last RATE_WINDOW_S, the newest RATE_SAMPLE of them at most (one backward
+    walk of ix_jobs_dataset_finished that stops there)."""
+    newest = (
+        select(Job.finished_at)
+        .where(
+            Job.dataset_id == ds_id,
+            Job.finished_at >= now - timedelta(seconds=RATE_WINDOW_S),
+            Job.status == JobStatus.SUCCEEDED.value,
+        )
+        .order_by(Job.finished_at.desc())
+        .limit(RATE_SAMPLE)
+        .subquery()
+    )
+    recent, first, last = conn.execute(
+        select(func.count(), func.min(newest.c.finished_at), func.max(newest.c.finished_at))
+    ).one()
+    if not recent or first is None:
+        return 0.0
+    # While work remains the window runs to now (a stalled farm shows its rate falling); once everything is
+    # finished it ends at the last image, so a finished run keeps its real rate.
+    end = _aware(last, now) if remaining == 0 and last is not None else now
+    span = max((end - _aware(first, now)).total_seconds(), 1.0)
+    return float(recent) / span
+
+
+def _reasons(conn: Connection, ds_id: int, unroutable: int) -> tuple[dict[str, int], bool]:
+    """Reason → unroutable jobs, from at most REASON_SAMPLE of them; when there are more, each reason's share of the
+    sample scaled to the exact total (largest remainders, so they add up to it), and True."""
+    if unroutable <= 0:
+        return {}, False
+    notes = (
+        select(Job.routing_note)
+        .where(Job.dataset_id == ds_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None))
+        .limit(REASON_SAMPLE)
+        .subquery()
+    )
+    rows = conn.execute(select(notes.c.routing_note, func.count()).group_by(notes.c.routing_note)).all()
+    sample = {str(reason): int(n) for reason, n in rows}
+    seen = sum(sample.values())
+    if seen < REASON_SAMPLE or seen >= unroutable:
+        return sample, False
+    shares = {reason: n * unroutable / seen for reason, n in sample.items()}
+    scaled = {reason: int(share) for reason, share in shares.items()}
+    by_remainder = sorted(shares, key=lambda reason: shares[reason] - scaled[reason], reverse=True)
+    for reason in by_remainder[: unroutable - sum(scaled.values())]:
+        scaled[reason] += 1
+    return scaled, True
 
 
 def _aware(value: object, now: datetime) -> datetime:
