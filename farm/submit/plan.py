@@ -27,7 +27,16 @@ from farm.rules import Rules
 from farm.settings import Settings
 from farm.storage import Storage
 from farm.submit.conditions import MAX_CONDITION_BYTES, ConditionImage, ConditionImages, store_condition
-from farm.submit.fields import MAX_SEED, OPTIONS, SIZE_MULTIPLE, SIZE_RANGE, FieldProblem, check_field, field_error
+from farm.submit.fields import (
+    MAX_SEED,
+    OPTIONS,
+    SIZE_MULTIPLE,
+    SIZE_RANGE,
+    FieldProblem,
+    check_field,
+    check_value,
+    field_error,
+)
 from farm.submit.grid import Axis, parse_grid, variations
 from farm.submit.inputs import MAX_LINE_BYTES, Row, read_rows
 from farm.submit.rules import RULE_FIELDS, check_rule, row_rules
@@ -176,6 +185,8 @@ def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
         "images_per_prompt": options.images_per_prompt,
     }
     _check_defaults(defaults, options.seed)
+    # Checked once here, so a row that does not set a field takes its value without checking it again.
+    defaults = {name: check_value(name, value) for name, value in defaults.items()}
     negative = check_field(OPTIONS, "negative_prompt", options.negative_prompt, option=True)
     if negative is not None:
         defaults["negative_prompt"] = negative
@@ -482,7 +493,11 @@ def _expand(row: Row, setup: _Setup, occurrences: Counter[str], lines: dict[str,
     controlnet, conditioning_scale, image = _row_control(row, control)
     if setup.size_from_condition and image is not None and "width" not in row.fields and "height" not in row.fields:
         fields["width"], fields["height"] = _condition_size(image)
-    values = {k: check_field(row, k, fields[k]) for k in defaults if k != "negative_prompt"}
+    values = {
+        k: fields[k] if k not in row.fields and fields[k] is defaults[k] else check_field(row, k, fields[k])
+        for k in defaults
+        if k != "negative_prompt"
+    }
     negative = check_field(row, "negative_prompt", fields.get("negative_prompt"))
     explicit_seed = check_field(row, "seed", fields["seed"]) if "seed" in fields else None
     if "seed" in grid.fields and values["images_per_prompt"] != 1:

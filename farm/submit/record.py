@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import Column, MetaData, Table, func, insert, select, true, update
@@ -50,15 +51,12 @@ def record(engine: Engine, plan: Plan) -> Recorded:
         staging.drop(conn, checkfirst=True)
         staging.create(conn)
         try:
+            # Tuples in STAGED_COLUMNS' order (a JobSpec holds only plain values: dataclasses.asdict's deep copy
+            # was two thirds of a 100k-job submit).
+            inputs = attrgetter(*INPUT_FIELDS)
+            pending = JobStatus.PENDING.value
             rows = (
-                {
-                    **asdict(spec),
-                    "id": job_id,
-                    "dataset_id": dataset_id,
-                    "status": JobStatus.PENDING.value,
-                    "attempts": 0,
-                    "created_at": now,
-                }
+                (job_id, dataset_id, *inputs(spec), pending, 0, now)
                 for spec, job_id in zip(plan.specs, plan.ids, strict=True)
             )
             _stage(conn, staging, rows)
@@ -161,22 +159,32 @@ def _staging_table() -> Table:
     return Table("incoming_jobs", MetaData(), *columns, prefixes=["TEMPORARY"])
 
 
-def _stage(conn: Connection, staging: Table, rows: Iterator[dict[str, Any]]) -> None:
+def _stage(conn: Connection, staging: Table, rows: Iterator[tuple[Any, ...]]) -> None:
+    """Write rows (tuples in STAGED_COLUMNS' order) into the staging table."""
     if conn.dialect.name == "postgresql":
         # COPY is several times faster than multi-row INSERTs for 100k rows.
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f"COPY incoming_jobs ({', '.join(STAGED_COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row([row[name] for name in STAGED_COLUMNS])
+                copy.write_row(row)
         return
-    batch: list[dict[str, Any]] = []
+    # The driver's executemany, each value converted as SQLAlchemy would bind it (datetimes to SQLite's text).
+    processors = [column.type.bind_processor(conn.dialect) for column in staging.columns]
+    convert = [(i, p) for i, p in enumerate(processors) if p is not None]
+    sql = f"INSERT INTO incoming_jobs ({', '.join(STAGED_COLUMNS)}) VALUES ({', '.join('?' * len(STAGED_COLUMNS))})"
+    batch: list[tuple[Any, ...]] = []
     for row in rows:
+        if convert:
+            values = list(row)
+            for i, process in convert:
+                values[i] = process(values[i])
+            row = tuple(values)
         batch.append(row)
         if len(batch) == _INSERT_CHUNK:
-            conn.execute(insert(staging), batch)
+            conn.exec_driver_sql(sql, batch)
             batch = []
     if batch:
-        conn.execute(insert(staging), batch)
+        conn.exec_driver_sql(sql, batch)
 
 
 def _dataset_id(conn: Connection, name: str) -> int:

@@ -57,9 +57,9 @@ def row_rules(
 ) -> Rules | None:
     """The rules of one row (its own fields over the options'), or None when neither sets any."""
     given = {name: row.fields[name] for name in RULE_FIELDS if row.fields.get(name) is not None}
-    values = {name: v for name, v in option_values.items() if v is not None}
-    if not given and not values:
+    if not given and all(v is None for v in option_values.values()):
         return None
+    values = {name: v for name, v in option_values.items() if v is not None}
 
     def checked(name: str) -> Any:
         if name in given:
