@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from farm.cli.common import settings_of
-from farm.store.schema import JobStatus
+from farm.store.states import JobStatus
 
 
 def _positive_seconds(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
@@ -39,10 +39,12 @@ def _positive_seconds(_ctx: click.Context, _param: click.Parameter, value: float
 @click.pass_context
 def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
     """Counts per state, images/s and ETA, for one dataset or all."""
+    settings = settings_of(ctx)
+    if not watch and _quick_status(settings, dataset, as_json):
+        return
     from farm.store.engine import open_store
     from farm.store.queries import all_statuses, dataset_status, pool_progress
 
-    settings = settings_of(ctx)
     engine = open_store(settings)
     if watch:
         from farm.cli.watch import watch_datasets
@@ -67,6 +69,25 @@ def status(ctx: click.Context, dataset: str | None, as_json: bool, watch: bool, 
     _print_statuses(statuses, as_json)
     if not as_json:
         _warn_if_nobody_reaps(engine, settings.lease_s, unfinished=any(not s.done for s in statuses))
+
+
+def _quick_status(settings: Any, dataset: str | None, as_json: bool) -> bool:
+    """Answer over the bare driver, without importing SQLAlchemy (farm/store/quick.py); False when the ordinary
+    path must (no database yet, a schema to upgrade, a database away)."""
+    from farm.store import progress
+    from farm.store.quick import open_reader
+
+    with open_reader(settings.database_url) as reader:
+        if reader is None:
+            return False
+        statuses = progress.read_statuses(reader, dataset)
+        _print_statuses(statuses, as_json)
+        if not as_json:
+            unfinished = any(not s.done for s in statuses)
+            warning = progress.silence_warning(reader, settings.lease_s, unfinished=unfinished)
+            if warning:
+                click.echo(warning, err=True)
+    return True
 
 
 def _print_statuses(statuses: list[Any], as_json: bool) -> None:

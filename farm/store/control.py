@@ -10,19 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from farm.store import progress
+from farm.store.progress import BACKLOG as BACKLOG
+from farm.store.progress import REAPER as REAPER
+from farm.store.progress import BacklogFigures as BacklogFigures
+from farm.store.progress import connection_reader
+from farm.store.progress import interval_s as interval_s
 from farm.store.schema import Control, utcnow
-
-REAPER = "reaper"
-# The pending jobs per pool that the leader counts (farm/dispatch/backlog.py): the row's note holds them as JSON.
-BACKLOG = "backlog"
-# A backlog count older than this many times its leader's spacing (and a minute) is not shown: nobody counts.
-_STALE_AFTER = 3
 
 
 def acquire(conn: Connection, duty: str, *, holder: str, ttl_s: float) -> bool:
@@ -118,29 +117,9 @@ def store_backlog(
     ran(conn, BACKLOG, holder=holder, note=json.dumps(figures, separators=(",", ":"), sort_keys=True))
 
 
-@dataclass(frozen=True)
-class BacklogFigures:
-    """The last backlog count: pending jobs per pool (datasets not paused), per dataset id, and its age."""
-
-    pools: dict[str, int]
-    datasets: dict[int, dict[str, int]]
-    age_s: float
-
-
 def read_backlog(conn: Connection, now: datetime | None = None) -> BacklogFigures | None:
     """The stored backlog count; None when there is none, or when it is stale (no leader has counted lately)."""
-    row = conn.execute(select(Control.last_run_at, Control.note).where(Control.name == BACKLOG)).first()
-    if row is None or row.last_run_at is None or not row.note:
-        return None
-    try:
-        figures: dict[str, Any] = json.loads(row.note)
-        age = ((now or utcnow()) - row.last_run_at).total_seconds()
-        if age > max(60.0, _STALE_AFTER * float(figures.get("every_s", 10.0))):
-            return None
-        datasets = {int(ds): {str(p): int(n) for p, n in per.items()} for ds, per in figures["datasets"].items()}
-        return BacklogFigures({str(p): int(n) for p, n in figures["pools"].items()}, datasets, age)
-    except (ValueError, KeyError, TypeError, AttributeError):  # written by another version: no figures
-        return None
+    return progress.read_backlog(connection_reader(conn), now)
 
 
 def pending_per_pool(engine: Engine) -> dict[str, int] | None:
@@ -150,22 +129,7 @@ def pending_per_pool(engine: Engine) -> dict[str, int] | None:
     return None if figures is None else figures.pools
 
 
-def interval_s(lease_s: float) -> float:
-    """How often the control loop runs: a sixth of a lease, between 1 and 10 seconds."""
-    return min(10.0, max(1.0, lease_s / 6))
-
-
 def silence_warning(engine: Engine, lease_s: float, *, unfinished: bool) -> str | None:
     """A line for `farm status` / `farm workers` when the reaper has not run for a while and work is waiting."""
-    if not unfinished:
-        return None
-    state = duty_state(engine)
-    limit = max(3 * interval_s(lease_s), 30.0)
-    silent = state.silent_for()
-    if silent is not None and silent <= limit:
-        return None
-    since = "has never run" if silent is None else f"has not run for {silent:.0f} s"
-    return (
-        f"warning: the reaper and dispatcher {since}: no `farm worker` is running, or none can reach the "
-        "database; expired leases are not reaped and the broker's window is not topped up until one does"
-    )
+    with engine.connect() as conn:
+        return progress.silence_warning(connection_reader(conn), lease_s, unfinished=unfinished)

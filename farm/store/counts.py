@@ -10,49 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from farm.errors import UnknownDataset
-from farm.store.schema import Dataset, Job, JobCount, JobStatus
+from farm.store import progress
+from farm.store.progress import NOT_STATES as NOT_STATES
+from farm.store.progress import UNROUTABLE as UNROUTABLE
+from farm.store.progress import VERDICT_KEYS as VERDICT_KEYS
+from farm.store.schema import Dataset, JobCount
 
-# Pending jobs that carry a routing note (dispatch found no live pool for them): counted beside the states.
-UNROUTABLE = "unroutable"
-# Each verdict (revision 0011) is a key of its own too: jobs of yield-targeted lines, by what their rules said.
-VERDICT_KEYS = ("accepted", "rejected", "duplicate", "unscored")
-NOT_STATES = (UNROUTABLE, *VERDICT_KEYS)
 # Migration 0010 backfills a PostgreSQL store of up to this many jobs in its own transaction (tens of ms under
 # the trigger's table lock); a larger one is backfilled by `farm db recount`, without blocking writers.
 INLINE_BACKFILL_MAX_JOBS = 200_000
 
 
 def stored_counts(conn: Connection, dataset_id: int) -> dict[str, int]:
-    """What job_counts says: jobs per state (and UNROUTABLE), keys with a count of 0 left out."""
-    rows = conn.execute(
-        select(JobCount.status, func.sum(JobCount.n)).where(JobCount.dataset_id == dataset_id).group_by(JobCount.status)
-    ).all()
-    return {str(key): int(n) for key, n in rows if n}
+    """What job_counts says: jobs per state (and UNROUTABLE, and each verdict), keys with a count of 0 left out."""
+    return progress.stored_counts(progress.connection_reader(conn), dataset_id)
 
 
 def counted_jobs(conn: Connection, dataset_id: int) -> dict[str, int]:
     """The truth job_counts must equal: a GROUP BY over the dataset's jobs (reads all of them)."""
-    rows = conn.execute(select(Job.status, func.count()).where(Job.dataset_id == dataset_id).group_by(Job.status)).all()
-    counts = {str(status): int(n) for status, n in rows}
-    unroutable = conn.execute(
-        select(func.count()).where(
-            Job.dataset_id == dataset_id, Job.status == JobStatus.PENDING.value, Job.routing_note.is_not(None)
-        )
-    ).scalar_one()
-    if unroutable:
-        counts[UNROUTABLE] = int(unroutable)
-    verdicts = conn.execute(
-        select(Job.verdict, func.count())
-        .where(Job.dataset_id == dataset_id, Job.verdict.is_not(None))
-        .group_by(Job.verdict)
-    ).all()
-    counts.update({str(verdict): int(n) for verdict, n in verdicts})
-    return counts
+    return progress.counted_jobs(progress.connection_reader(conn), dataset_id)
 
 
 @dataclass(frozen=True)

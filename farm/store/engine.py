@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import functools
-import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,6 +16,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from farm.errors import ConfigError, DatabaseUnavailable
 from farm.secrets import redact, scrub, secrets_in, secrets_of
+from farm.store.revisions import head_revision as head_revision
+from farm.store.revisions import known_revisions as known_revisions
 
 
 def normalize_url(url: str) -> str:
@@ -87,44 +87,6 @@ def current_revision(engine: Engine) -> str | None:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     return str(rows[0]) if rows else None
-
-
-# `revision = "0011"` / `down_revision = "0010"` (or None) at the top level of a migration script.
-_REVISION_LINE = re.compile(r"""^(revision|down_revision)\s*(?::[^=]*)?=\s*(?:["']([^"']+)["']|None)\s*$""", re.M)
-
-
-@functools.cache
-def _shipped() -> dict[str, str | None]:
-    """Every revision this code ships → the one it revises, read from the scripts' text (alembic would import
-    each script). The layout is checked against alembic's own reading by tests/test_db.py."""
-    import migrations
-
-    found: dict[str, str | None] = {}
-    for script in sorted((Path(migrations.__file__).parent / "versions").glob("*.py")):
-        values = {m.group(1): m.group(2) for m in _REVISION_LINE.finditer(script.read_text(encoding="utf-8"))}
-        if values.get("revision"):
-            found[values["revision"]] = values.get("down_revision")
-    return found
-
-
-def head_revision() -> str:
-    """The newest revision this code ships."""
-    shipped = _shipped()
-    heads = set(shipped) - {down for down in shipped.values() if down}
-    if len(heads) == 1:
-        return heads.pop()
-    from alembic.script import ScriptDirectory  # not one line of history: alembic decides (or says why not)
-
-    import migrations
-
-    head = ScriptDirectory(str(Path(migrations.__file__).parent)).get_current_head()
-    assert head is not None
-    return head
-
-
-def known_revisions() -> set[str]:
-    """Every revision this code ships."""
-    return set(_shipped())
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -26,25 +26,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-
-class JobStatus(StrEnum):
-    """A job's life: pending → queued → running → succeeded | failed; any unfinished state → canceled."""
-
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-
-UNFINISHED = (JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING)
-FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
-
-
-def utcnow() -> datetime:
-    """Timezone-aware now; every timestamp in the store is UTC."""
-    return datetime.now(UTC)
+from farm.store.states import FINISHED as FINISHED
+from farm.store.states import UNFINISHED as UNFINISHED
+from farm.store.states import JobStatus as JobStatus
+from farm.store.states import utcnow as utcnow
 
 
 class UTCDateTime(TypeDecorator[datetime]):
