@@ -135,6 +135,11 @@ def test_every_transition_keeps_the_counts_exact(engine: Engine) -> None:
         UNROUTABLE: 2,
     }
     assert dataset_status(engine, "d").unroutable == {"no pool serves tiny": 2}
+    # The leader notes them again every round: the same reason rewrites nothing, a new one each note.
+    with engine.begin() as conn:
+        assert transitions.note_unroutable(conn, ids[12:], "no pool serves tiny") == 0
+        assert transitions.note_unroutable(conn, ids[12:], "no pool serves tiny at 64x64") == 2
+    assert dataset_status(engine, "d").unroutable == {"no pool serves tiny at 64x64": 2}
     # Claims: queued and pending (an unroutable one too: it leaves the unroutable count).
     claimed = {}
 

@@ -375,14 +375,18 @@ def _with_attempt(previous: str | None, line: str) -> str:
     return tail.split("\n", 1)[1] if "\n" in tail else tail
 
 
-def note_unroutable(conn: Connection, job_ids: Sequence[str], reason: str) -> None:
-    """Record on still-pending jobs why no pool could take them (shown by `farm status`)."""
+def note_unroutable(conn: Connection, job_ids: Sequence[str], reason: str) -> int:
+    """Record on still-pending jobs why no pool could take them (shown by `farm status`). Jobs that already carry
+    this reason are left alone: the leader looks at them every round, and rewriting a row (a new row version, the
+    count triggers) to the same note is pure cost. Returns how many notes changed."""
+    note, changed = reason[:1000], 0
     for chunk in _chunks(job_ids):
-        conn.execute(
+        changed += conn.execute(
             update(Job)
-            .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value)
-            .values(routing_note=reason[:1000])
-        )
+            .where(_id_in(conn, chunk), Job.status == JobStatus.PENDING.value, Job.routing_note.is_distinct_from(note))
+            .values(routing_note=note)
+        ).rowcount
+    return changed
 
 
 def mark_pending(conn: Connection, job_ids: Sequence[str]) -> int:
