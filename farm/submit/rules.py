@@ -56,6 +56,8 @@ def row_rules(
     row: Row, option_values: dict[str, Any], images_per_prompt: Any, *, keep_rejected: bool, scorer: str
 ) -> Rules | None:
     """The rules of one row (its own fields over the options'), or None when neither sets any."""
+    if row.fields.keys().isdisjoint(RULE_FIELDS) and all(v is None for v in option_values.values()):
+        return None  # the common row: no rules here nor in the options (checked first, once per row, cheaply)
     given = {name: row.fields[name] for name in RULE_FIELDS if row.fields.get(name) is not None}
     if not given and all(v is None for v in option_values.values()):
         return None
