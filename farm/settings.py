@@ -25,7 +25,7 @@ _INT_FIELDS = {
     "control_image_max_bytes",
     "max_line_bytes",
 }
-_FLOAT_FIELDS = {"render_deadline_s", "shutdown_grace_s", "peak_tflops"}
+_FLOAT_FIELDS = {"render_deadline_s", "shutdown_grace_s", "peak_tflops", "record_group_s"}
 # What `--renderer` / FARM_RENDERER accept; the first is the default.
 RENDERERS = ("pixart", "null")
 # Fields that only the config file sets (tables, and which file it was), never a FARM_* variable.
@@ -67,6 +67,10 @@ class Settings:
     dispatch_window: int = 1024
     # On SIGTERM a worker finishes what fits in this many seconds, hands the rest back, and exits.
     shutdown_grace_s: float = 30.0
+    # Group commit: a worker records the batches it stores within this many seconds (up to RECORD_GROUP_JOBS jobs)
+    # in one transaction instead of one each, for fleets whose workers finish many small batches a second; 0 (the
+    # default) records each batch as soon as it is stored. Results wait that long for their row.
+    record_group_s: float = 0.0
     # Submit refuses a control image larger than this, and a prompt-file line longer than this.
     control_image_max_bytes: int = 64 << 20
     max_line_bytes: int = 1 << 20
@@ -272,6 +276,11 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, name) < low:
             raise ConfigError(f"{name} must be at least {low}, got {getattr(s, name)}")
+    if not (math.isfinite(s.record_group_s) and 0 <= s.record_group_s <= min(60.0, s.lease_s / 3)):
+        raise ConfigError(
+            f"record_group_s must be between 0 and {min(60.0, s.lease_s / 3):g} (60 s, and a third of lease_s: "
+            f"results must reach their rows long before a lease could lapse), got {s.record_group_s}"
+        )
     if not (math.isfinite(s.shutdown_grace_s) and s.shutdown_grace_s >= 0):
         raise ConfigError(f"shutdown_grace_s must be at least 0, got {s.shutdown_grace_s}")
     if not (math.isfinite(s.render_deadline_s) and s.render_deadline_s >= 0):

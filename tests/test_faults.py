@@ -109,6 +109,86 @@ def test_worker_killed_mid_batch_loses_nothing(
     assert "reaper:" in rescuer.log()
 
 
+def _grouped_env(tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str) -> dict[str, str]:
+    """Group commit on: the batches a worker stores within 3 s are recorded together (a third of the 10 s lease)."""
+    return farm_env(
+        FARM_HOME=str(bench_home),
+        FARM_DATABASE_URL=own_pg_url,
+        FARM_BROKER_URL=redis_url,
+        FARM_QUEUE=queue_name,
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+        FARM_LEASE_S="10",
+        FARM_BATCH_SIZE="4",
+        FARM_MAX_ATTEMPTS="3",
+        FARM_RECORD_GROUP_S="3",
+    )
+
+
+def _stored_not_recorded(env: dict[str, str], dataset: str, worker: Worker, tmp_path: Path) -> None:
+    """Wait until the worker has stored a batch that its group holds back: objects exist, no job succeeded."""
+    wait_until(
+        lambda: "event=upload_end" in worker.log() and _counts(env, dataset)["succeeded"] == 0,
+        timeout_s=180,
+        what="a stored batch waiting for its group",
+        worker=worker,
+        poll_s=0.1,
+    )
+    assert list((tmp_path / "images" / dataset).glob("*.png"))
+
+
+def test_worker_killed_with_a_group_waiting_loses_nothing(
+    tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    """SIGKILL while stored batches wait for their group commit: their rows still say running, so the reaper
+    hands them out again; `farm gc` removes the objects the dead attempt stored; every job ends with one image."""
+    dataset = f"group-kill-{queue_name}"
+    env = _grouped_env(tmp_path, bench_home, own_pg_url, redis_url, queue_name)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a harbour, take {i}\n" for i in range(12)))
+    assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
+    victim = Worker(env, tmp_path / "victim.log")
+    _stored_not_recorded(env, dataset, victim, tmp_path)
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(timeout=30)
+    victim.stop()
+    stranded = _counts(env, dataset)["running"]
+    assert stranded > 0 and "event=recorded" not in victim.log()
+    rescuer = Worker(env, tmp_path / "rescuer.log")
+    try:
+        wait_until(
+            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["done"],
+            timeout_s=240,
+            what="every job after the kill",
+            worker=rescuer,
+        )
+    finally:
+        rescuer.stop()
+    jobs = _jobs(make_engine(own_pg_url), dataset)
+    assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 12
+    _one_object_per_job(tmp_path / "images" / dataset, jobs, env)
+    assert sum(1 for j in jobs if j.attempts == 2) == stranded
+
+
+def test_sigterm_records_the_waiting_group_before_the_worker_exits(
+    tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str
+) -> None:
+    """A warm shutdown hands the waiting group over at once: what was stored is recorded, not handed back."""
+    dataset = f"group-term-{queue_name}"
+    env = _grouped_env(tmp_path, bench_home, own_pg_url, redis_url, queue_name)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a quay, take {i}\n" for i in range(12)))
+    assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
+    worker = Worker(env, tmp_path / "worker.log")
+    _stored_not_recorded(env, dataset, worker, tmp_path)
+    stored = {f.stem.rsplit("-", 1)[0] for f in (tmp_path / "images" / dataset).glob("*.png")}
+    worker.stop(timeout_s=60)  # SIGTERM
+    jobs = {j.id: j for j in _jobs(make_engine(own_pg_url), dataset)}
+    assert stored and all(jobs[job_id].status == "succeeded" for job_id in stored)
+    assert _counts(env, dataset)["running"] == 0  # the rest went back to pending, none left held
+    for job_id in stored:
+        assert f"event=recorded job={job_id}" in worker.log()
+
+
 def test_storage_503s_and_dropped_connections_are_retried(
     tmp_path: Path, bench_home: Path, s3_server: S3Server, s3_bucket: str
 ) -> None:

@@ -212,3 +212,13 @@ def test_with_overrides_copies_and_validates(tmp_path: Path) -> None:
     assert s.queue == "render"  # the original is untouched
     with pytest.raises(ConfigError, match="lease_s"):
         with_overrides(s, lease_s=1)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "61", "250"])
+def test_record_group_s_out_of_range_is_an_error(tmp_path: Path, value: str) -> None:
+    """0 to 60 s, and at most a third of the lease (here 600 s: 60 binds; with FARM_LEASE_S=30, 10 s)."""
+    with pytest.raises(ConfigError, match=f"record_group_s must be between 0 and 60 .*got {value}"):
+        load_settings({"FARM_RECORD_GROUP_S": value}, home=str(tmp_path))
+    with pytest.raises(ConfigError, match="record_group_s must be between 0 and 10"):
+        load_settings({"FARM_RECORD_GROUP_S": "11", "FARM_LEASE_S": "30"}, home=str(tmp_path))
+    assert load_settings({"FARM_RECORD_GROUP_S": "0.5"}, home=str(tmp_path)).record_group_s == 0.5

@@ -90,3 +90,90 @@ def test_upload_threads_run_below_the_render_threads_priority(tmp_path: Path) ->
     uploader._pool.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).result()
     uploader.close()
     assert seen == [os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + 10]
+
+
+def test_group_commit_records_the_stored_batches_together(tmp_path: Path, tiny_model: Path) -> None:
+    """FARM_RECORD_GROUP_S: three stored batches wait (their jobs still held by the upload pool, their rows still
+    running) and are recorded in one transaction, on the grouping thread; drain hands them over at once."""
+    import threading
+
+    from sqlalchemy import event
+
+    settings = load_settings({"FARM_RECORD_GROUP_S": "60"}, home=str(tmp_path / "home"), broker_url="memory://")
+    engine = open_store(settings)
+    ids = _submit(engine, tmp_path, 7, tiny_model)
+    rt = WorkerRuntime.build(settings, make_celery(settings), name="w-group", max_batch=3)
+    commits: list[str] = []
+    event.listen(rt.engine, "commit", lambda _conn: commits.append(threading.current_thread().name))
+    outcome = render_jobs(rt, ids)
+    assert outcome.rendered == 7
+    with rt.uploader._lock:  # every image stored: the pool's threads are done with them …
+        assert rt.uploader._idle.wait_for(lambda: rt.uploader.in_flight == 0, timeout=120)
+    assert rt.uploader.holding() == set(ids)  # … yet the jobs are held until recorded
+    with engine.connect() as conn:
+        assert set(conn.execute(select(Job.status).where(Job.id.in_(ids))).scalars()) == {"running"}
+    assert "farm-record" not in commits and rt.stats.succeeded == 0
+    assert rt.uploader.drain(timeout_s=30)  # long before the 60 s the group would wait
+    assert commits.count("farm-record") == 1  # three batches, one transaction
+    with engine.connect() as conn:
+        assert set(conn.execute(select(Job.status).where(Job.id.in_(ids))).scalars()) == {"succeeded"}
+    assert rt.stats.succeeded == 7 and rt.uploader.holding() == set()
+    rt.uploader.close()
+
+
+def test_a_group_is_handed_over_when_full_or_when_its_time_is_up(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from farm.job import Claimed
+    from farm.storage.local import LocalStorage
+    from workers.uploads import Rendered, Uploader
+
+    calls: list[list[str]] = []
+    called = threading.Event()
+
+    def done(ok: list, failed: list) -> None:  # type: ignore[type-arg]
+        calls.append(sorted(job.id for job, *_rest in ok))
+        called.set()
+
+    def batch(first: int, n: int) -> list[Rendered]:
+        pixels = Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))
+        jobs = [
+            Claimed(
+                prompt="p",
+                seed=i,
+                width=16,
+                height=16,
+                num_inference_steps=1,
+                guidance_scale=0.0,
+                model="tiny",
+                source_line=i,
+                id=f"j{i:02d}",
+                dataset_id=1,
+                attempts=1,
+                claim_seq=1,
+            )
+            for i in range(first, first + n)
+        ]
+        return [Rendered(job, "d", pixels, 1) for job in jobs]
+
+    full = Uploader(LocalStorage(tmp_path / "a"), threads=2, on_done=done, group_s=60, group_jobs=4)
+    for start in (0, 2, 4):
+        full.submit(batch(start, 2))
+    assert called.wait(30)  # four jobs waited: handed over without waiting the 60 s
+    assert len(calls[0]) == 4
+    assert full.drain(timeout_s=30)
+    assert sorted(j for call in calls for j in call) == [f"j{i:02d}" for i in range(6)]
+    full.close()
+
+    calls.clear()
+    called.clear()
+    timed = Uploader(LocalStorage(tmp_path / "b"), threads=1, on_done=done, group_s=0.3)
+    started = time.monotonic()
+    timed.submit(batch(0, 2))
+    assert called.wait(30) and time.monotonic() - started >= 0.3  # alone, after its 0.3 s, without a drain
+    assert calls == [["j00", "j01"]]
+    timed.close()

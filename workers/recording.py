@@ -29,6 +29,7 @@ from farm.secrets import scrub
 from farm.storage import StoredObject
 from farm.store import transitions
 from farm.store.schema import Dataset, Job, JobStatus, utcnow
+from workers.metrics import METRICS
 
 if TYPE_CHECKING:
     from workers.runtime import WorkerRuntime
@@ -102,6 +103,12 @@ def record_batch(rt: WorkerRuntime, done: Done, failed: Failed, *, since: float 
         _after_failure(rt, job, error, state)
     rt.holdings.drop([job.id for job, _exc in failed])
     return True
+
+
+def record_stored(rt: WorkerRuntime, done: Done, failed: Failed) -> None:
+    """The upload pool's callback: a stored batch (or a group of them, Settings.record_group_s), recorded."""
+    METRICS.count_errors("upload", len(failed))
+    record_batch(rt, done, failed)
 
 
 def retry_unrecorded(rt: WorkerRuntime) -> None:

@@ -23,7 +23,7 @@ from farm.store.schema import Dataset, utcnow
 from workers.caches import PipelineCache, RenderCaches
 from workers.control import ControlLoop
 from workers.heartbeat import LeaseKeeper
-from workers.recording import Unrecorded, retry_unrecorded
+from workers.recording import Unrecorded, record_stored, retry_unrecorded
 from workers.uploads import Uploader
 
 log = logging.getLogger("farm.worker")
@@ -165,7 +165,14 @@ class WorkerRuntime:
             log.info("event=%s job=%s seq=%d worker=%s", step, job_id, seq, name)
 
         # Two batches may wait for storage while a third renders; beyond that the render loop waits.
-        uploader = Uploader(storage, threads=io_threads, max_in_flight=2 * batch, event=event, is_lost=holdings.is_lost)
+        uploader = Uploader(
+            storage,
+            threads=io_threads,
+            max_in_flight=2 * batch,
+            event=event,
+            is_lost=holdings.is_lost,
+            group_s=settings.record_group_s,
+        )
         caches = RenderCaches(settings, storage, PipelineCache(settings, low_memory=low_memory))
         # The model-level steps (T5 loaded and released, pipeline moved off and onto the device), in the job
         # events' format with a detail instead of a job, so the order can be read from the worker's log.
@@ -176,6 +183,7 @@ class WorkerRuntime:
         runtime = cls(settings, app, name, engine, storage, caches, uploader, leases, batch, pool=pool)
         runtime.holdings = holdings
         uploader.event = runtime.event
+        uploader.on_done = lambda done, failed: record_stored(runtime, done, failed)
         leases.describe = runtime.heartbeat
         leases.on_lost = runtime.lost
         leases.after_beat = lambda: retry_unrecorded(runtime)

@@ -18,7 +18,7 @@ from farm.store import transitions
 from workers.metrics import METRICS
 from workers.recording import record_batch
 from workers.runtime import WorkerRuntime
-from workers.uploads import Rendered, StoredResult
+from workers.uploads import Rendered
 
 log = logging.getLogger("farm.worker")
 
@@ -100,7 +100,7 @@ def _render_batches(rt: WorkerRuntime, batches: list[list[Claimed]], outcome: Ou
             record_batch(rt, [], failures)
         # 3. Encode, upload, confirm and mark succeeded in the background; blocks when the pool is full.
         if rendered:
-            rt.uploader.submit(rendered, lambda done, failed: _uploaded(rt, done, failed))
+            rt.uploader.submit(rendered)  # recorded by workers.recording.record_stored (alone or grouped)
 
 
 def release_held(rt: WorkerRuntime) -> None:
@@ -135,15 +135,6 @@ def _release(rt: WorkerRuntime, jobs: list[Claimed]) -> None:
     for job in lost:
         rt.event("canceled", job.id, job.claim_seq)
     rt.holdings.drop([job.id for job in jobs])
-
-
-def _uploaded(
-    rt: WorkerRuntime,
-    done: list[StoredResult],
-    failed: list[tuple[Claimed, BaseException]],
-) -> None:
-    METRICS.count_errors("upload", len(failed))
-    record_batch(rt, done, failed)
 
 
 def _batches(jobs: list[Claimed], size: int) -> Iterator[list[Claimed]]:

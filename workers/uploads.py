@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from farm.storage import Storage, StoredObject, object_key
 from workers.png import encode_png
 
 log = logging.getLogger("farm.worker")
+
+# Group commit (Settings.record_group_s): the most jobs one grouped record holds; more are recorded at once.
+RECORD_GROUP_JOBS = 64
 
 # A stored image: its job, object, render ms, recipe JSON and scores (farm/store/verdicts.py), or None unscored.
 StoredResult = tuple[Claimed, StoredObject, int, str | None, Scores | None]
@@ -67,7 +71,13 @@ def _yield_to_rendering() -> None:
 
 class Uploader:
     """At most `max_in_flight` images rendered but not yet stored: the render loop blocks beyond that
-    (back-pressure), so a slow store costs time, never unbounded memory."""
+    (back-pressure), so a slow store costs time, never unbounded memory.
+
+    Each batch, once all its images are stored, goes to its `on_done` (the worker's: record it). With `group_s`
+    above 0 the stored batches wait up to that long (or until RECORD_GROUP_JOBS jobs wait) on one thread that
+    hands them over together, one call per callback: the worker records them in one transaction (group commit).
+    Until then their jobs count as held here (`holding`), and `drain` hands them over at once and waits for it.
+    """
 
     def __init__(
         self,
@@ -77,8 +87,13 @@ class Uploader:
         max_in_flight: int = 16,
         event: Callable[[str, str, int], None] | None = None,
         is_lost: Callable[[str], bool] | None = None,
+        on_done: BatchDone | None = None,
+        group_s: float = 0.0,
+        group_jobs: int = RECORD_GROUP_JOBS,
     ) -> None:
         self.storage = storage
+        self.on_done = on_done  # for batches submitted without their own
+        self.group_s, self.group_jobs = group_s, group_jobs
         self.event = event or (lambda name, job_id, seq: None)  # one log line per upload step
         self.is_lost = is_lost or (lambda job_id: False)  # a canceled or reaped job is not uploaded
         self.max_in_flight = max_in_flight
@@ -93,10 +108,25 @@ class Uploader:
         self.images_held = 0  # rendered images in memory, waiting for or being encoded/uploaded
         self.peak_images_held = 0
         self.stored_bytes = 0
+        # Group commit: stored batches not yet handed to their callback, and their jobs (waiting or being handed).
+        self._groups: list[tuple[BatchDone, list[StoredResult], list[tuple[Claimed, BaseException]]]] = []
+        self._group_jobs = 0
+        self._group_since = 0.0
+        self._deferred = 0
+        self._flush = self._closing = False
+        self._wake = threading.Condition(self._lock)
+        self._grouper: threading.Thread | None = None
+        if group_s > 0:
+            self._grouper = threading.Thread(target=self._group_loop, name="farm-record", daemon=True)
+            self._grouper.start()
 
-    def submit(self, batch: Sequence[Rendered], on_done: BatchDone) -> None:
-        """Queue a rendered batch; blocks while the pool is full. on_done runs once the whole batch is stored."""
-        tracker = _Batch(len(batch), on_done)
+    def submit(self, batch: Sequence[Rendered], on_done: BatchDone | None = None) -> None:
+        """Queue a rendered batch; blocks while the pool is full. on_done (else the uploader's) runs once the whole
+        batch is stored, or with the other batches of its group."""
+        callback = on_done or self.on_done
+        if callback is None:
+            raise ValueError("no on_done for this batch, and the uploader has none")
+        tracker = _Batch(len(batch), callback)
         for item in batch:
             self._slots.acquire()
             with self._lock:
@@ -128,15 +158,69 @@ class Uploader:
             with self._lock:
                 self.images_held -= 1
             self._slots.release()
+        deferred = False
         try:
             if batch.add(ok, bad):
-                batch.on_done(batch.done, batch.failed)
+                if self._grouper is not None:
+                    self._defer(batch)  # its jobs stay held here until handed over
+                    deferred = True
+                else:
+                    batch.on_done(batch.done, batch.failed)
         finally:
             with self._lock:
                 self.in_flight -= 1
-                self._jobs.discard(item.job.id)
+                if not deferred:
+                    self._jobs.discard(item.job.id)
                 if self.in_flight == 0:
                     self._idle.notify_all()
+
+    def _defer(self, batch: _Batch) -> None:
+        """A stored batch joins the group that the grouping thread hands over next."""
+        ids = [job.id for job, *_result in batch.done] + [job.id for job, _exc in batch.failed]
+        with self._lock:
+            if not self._groups:
+                self._group_since = time.monotonic()
+            self._groups.append((batch.on_done, batch.done, batch.failed))
+            self._group_jobs += len(ids)
+            self._deferred += len(ids)
+            self._jobs.update(ids)
+            self._wake.notify_all()
+
+    def _group_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._groups and not self._closing:
+                    self._wake.wait()
+                if not self._groups:
+                    return
+                while not (self._flush or self._closing or self._group_jobs >= self.group_jobs):
+                    left = self._group_since + self.group_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                taken, self._groups, self._group_jobs = self._groups, [], 0
+            self._hand_over(taken)
+
+    def _hand_over(
+        self, taken: list[tuple[BatchDone, list[StoredResult], list[tuple[Claimed, BaseException]]]]
+    ) -> None:
+        """One call per callback, with every batch of the group that named it, in the order they were stored."""
+        merged: dict[int, tuple[BatchDone, list[StoredResult], list[tuple[Claimed, BaseException]]]] = {}
+        for on_done, done, failed in taken:
+            entry = merged.setdefault(id(on_done), (on_done, [], []))
+            entry[1].extend(done)
+            entry[2].extend(failed)
+        for on_done, done, failed in merged.values():
+            try:
+                on_done(done, failed)
+            except Exception:  # the worker's callback keeps what it cannot record; anything else is a bug
+                log.exception("handing over %d stored results failed", len(done) + len(failed))
+            finally:
+                with self._lock:
+                    self._deferred -= len(done) + len(failed)
+                    self._jobs.difference_update([job.id for job, *_r in done] + [job.id for job, _e in failed])
+                    if self.in_flight == 0 and self._deferred == 0:
+                        self._idle.notify_all()
 
     def holding(self) -> set[str]:
         """Ids of the jobs whose images are queued or being stored now."""
@@ -144,11 +228,22 @@ class Uploader:
             return set(self._jobs)
 
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until every queued image is stored and recorded; True if it got there in time."""
+        """Wait until every queued image is stored and recorded (a waiting group handed over at once, and so is
+        every batch stored meanwhile); True if it got there in time."""
         with self._lock:
-            return self._idle.wait_for(lambda: self.in_flight == 0, timeout=timeout_s)
+            self._flush = True
+            self._wake.notify_all()
+            try:
+                return self._idle.wait_for(lambda: self.in_flight == 0 and self._deferred == 0, timeout=timeout_s)
+            finally:
+                self._flush = False
 
     def close(self) -> None:
         """Drain, then stop the threads."""
         self.drain()
         self._pool.shutdown(wait=True)
+        if self._grouper is not None:
+            with self._lock:
+                self._closing = True
+                self._wake.notify_all()
+            self._grouper.join()
