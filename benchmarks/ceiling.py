@@ -617,8 +617,11 @@ def _fleet_child(
     beats: int,
     barrier: Any,
     results: Any,
+    record_jobs: int = 0,
 ) -> None:
-    """One generator process: one worker incarnation replaying claim → record (→ heartbeat) per task."""
+    """One generator process: one worker incarnation replaying claim → record (→ heartbeat) per task; with
+    `record_jobs`, the mixed phase records once that many claimed jobs are waiting (group commit,
+    Settings.record_group_s), as one record_batch call."""
     replay = _Replay(settings, name)
     counts: dict[str, int] = {"beats": 0}
     claimed_all: list[list[Any]] = []
@@ -628,12 +631,18 @@ def _fleet_child(
             barrier.wait()  # start
             if phase == "mixed":
                 next_beat = time.monotonic() + beat_s
+                waiting: list[Any] = []
                 for ids in tasks:
-                    replay.record(replay.claim(ids))
+                    waiting.extend(replay.claim(ids))
+                    if len(waiting) >= record_jobs:
+                        replay.record(waiting)
+                        waiting = []
                     if time.monotonic() >= next_beat:
                         replay.beat()
                         counts["beats"] += 1
                         next_beat += beat_s
+                if waiting:
+                    replay.record(waiting)
             elif phase == "claim":
                 claimed_all = [replay.claim(ids) for ids in tasks]
             elif phase == "record":
@@ -674,13 +683,15 @@ def bench_fleet(
     jobs: int = 20_000,
     processes: int = 4,
     task_jobs: int = 8,
+    record_jobs: int = 0,
     beat_s: float = 1.0,
     beats: int = 500,
     phases: bool = True,
     keep: bool = False,
     progress: Progress = print,
 ) -> dict[str, Any]:
-    """`processes` generator processes claim and record `jobs` queued jobs in tasks of `task_jobs`."""
+    """`processes` generator processes claim and record `jobs` queued jobs in tasks of `task_jobs` (recorded per
+    task, or with `record_jobs` in groups of that many, as a worker with FARM_RECORD_GROUP_S does)."""
     if not settings.database_url.startswith("postgres"):
         raise ValueError("the fleet generator measures a PostgreSQL server: set FARM_DATABASE_URL to one")
     tag = uuid.uuid4().hex[:8]
@@ -692,13 +703,16 @@ def bench_fleet(
         "jobs": jobs,
         "processes": processes,
         "task_jobs": task_jobs,
+        "record_jobs": record_jobs or task_jobs,
         "store": redact(settings.database_url),
     }
     runs = [("mixed", ["mixed"])] + ([("phases", ["claim", "record", "beat"])] if phases else [])
     for label, steps in runs:
         ids = _queue_jobs(engine, settings, f"{name}-{label}", jobs, f"ceiling-{tag}")
         tasks = [ids[i : i + task_jobs] for i in range(0, len(ids), task_jobs)]
-        results[label] = _run_fleet(settings, tag, label, tasks, steps, processes, beat_s, beats, progress)
+        results[label] = _run_fleet(
+            settings, tag, label, tasks, steps, processes, beat_s, beats, progress, record_jobs=record_jobs
+        )
         if not keep:
             _drop(engine, f"{name}-{label}")
     engine.dispose()
@@ -716,6 +730,8 @@ def _run_fleet(
     beat_s: float,
     beats: int,
     progress: Progress,
+    *,
+    record_jobs: int = 0,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes + 1)
@@ -732,6 +748,7 @@ def _run_fleet(
                 beats,
                 barrier,
                 queue,
+                record_jobs,
             ),
         )
         for k in range(processes)
@@ -912,6 +929,7 @@ def run_ceiling(
     fleet_jobs: int = 20_000,
     fleet_processes: int = 4,
     task_jobs: int = 8,
+    record_jobs: int = 0,
     workdir: Path,
     progress: Progress = print,
 ) -> dict[str, Any]:
@@ -940,7 +958,12 @@ def run_ceiling(
         result["uploads"] = bench_uploads(size=1024, io_threads=io_threads, workdir=workdir, progress=progress)
     if "fleet" in parts:
         result["fleet"] = bench_fleet(
-            settings, jobs=fleet_jobs, processes=fleet_processes, task_jobs=task_jobs, progress=progress
+            settings,
+            jobs=fleet_jobs,
+            processes=fleet_processes,
+            task_jobs=task_jobs,
+            record_jobs=record_jobs,
+            progress=progress,
         )
     if "statements" in parts:
         result["statements"] = bench_statements(

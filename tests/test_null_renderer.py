@@ -154,6 +154,11 @@ def test_the_fleet_generator_replays_the_workers_claim_record_and_heartbeat(own_
     for step in ("claim", "record"):
         assert result["phases"][step]["images_per_s"] > 0
     assert result["phases"]["beats"] == 6 and result["phases"]["beat"]["beats_per_s"] > 0
+    # Group commit: tasks of 8 claimed, recorded 24 at a time (and the rest at the end): every job still recorded.
+    grouped = bench_fleet(
+        settings, jobs=80, processes=2, record_jobs=24, phases=False, beats=1, progress=lambda _line: None
+    )
+    assert grouped["record_jobs"] == 24 and grouped["mixed"]["images"] == 80
     engine = make_engine(own_pg_url)
     with engine.connect() as conn:  # its datasets are gone, and its incarnations listed as stopped
         assert conn.execute(select(Job.id).limit(1)).first() is None

@@ -392,6 +392,13 @@ def bench_submit_command(
     "--task-jobs", type=click.IntRange(min=1), default=8, show_default=True, help="Jobs per claim and record in (c)."
 )
 @click.option(
+    "--record-jobs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="(c): record once this many claimed jobs wait, as a worker with FARM_RECORD_GROUP_S does (0: per task).",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -409,6 +416,7 @@ def bench_ceiling_command(
     fleet_jobs: int,
     fleet_processes: int,
     task_jobs: int,
+    record_jobs: int,
     json_path: Path | None,
 ) -> None:
     """The control plane's own ceiling, with the null renderer (`farm worker --renderer null`): no model runs."""
@@ -425,6 +433,7 @@ def bench_ceiling_command(
         fleet_jobs=fleet_jobs,
         fleet_processes=fleet_processes,
         task_jobs=task_jobs,
+        record_jobs=record_jobs,
         workdir=settings.home / "bench",
         progress=lambda line: click.echo(line, err=True),
     )
