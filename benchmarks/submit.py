@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from farm.dispatch.broker import make_celery
@@ -162,6 +162,7 @@ def _bench_status(
         ds_id = int(conn.execute(select(Dataset.id).where(Dataset.name == name)).scalar_one())
         _insert_jobs(conn, ds_id, name, jobs)
     insert_s = time.perf_counter() - started
+    _finish_recently(engine, ds_id)
     analyze_s = 0.0
     if engine.dialect.name == "postgresql":
         started = time.perf_counter()
@@ -196,6 +197,23 @@ def _bench_status(
     }
     say(f"status: median {figures['median_ms']} ms in-process, `farm status --json` process {figures['cli_ms']} ms")
     return figures
+
+
+# As on a busy fleet: this many of the loaded jobs finished in the last 100 s (a load of 10M jobs takes longer
+# than the rate window, so without it the rate would read nothing).
+_RECENT_FINISHES = 20_000
+
+
+def _finish_recently(engine: Engine, ds_id: int) -> None:
+    """Move the finish time of _RECENT_FINISHES succeeded jobs into the last 100 s, spread evenly."""
+    with engine.begin() as conn:
+        query = select(Job.id).where(Job.dataset_id == ds_id, Job.status == JobStatus.SUCCEEDED.value)
+        ids = list(conn.execute(query.limit(_RECENT_FINISHES)).scalars())
+        if not ids:
+            return
+        now = utcnow()
+        moved = [{"jid": job_id, "at": now - timedelta(seconds=100 * i / len(ids))} for i, job_id in enumerate(ids)]
+        conn.execute(update(Job).where(Job.id == bindparam("jid")).values(finished_at=bindparam("at")), moved)
 
 
 def _time_status(engine: Engine, name: str, runs: int) -> list[float]:
