@@ -5,6 +5,7 @@ Nothing is written here: a Plan is what farm/submit/record.py records once every
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter
@@ -161,7 +162,7 @@ class _Setup:
     choice: ModelChoice
     pinned_steps: int | None  # the controlnet recipe's one step count
     size_from_condition: bool  # rows without a size take their condition's (the original ControlNet demo's rule)
-    rule_options: dict[str, Any]  # the acceptance-rule options, checked
+    rule_options: dict[str, Any]  # the acceptance-rule options given, checked (None values left out)
     scorer: str  # the scorer profile of rows whose rules need scores
 
 
@@ -214,11 +215,11 @@ def _setup(options: SubmitOptions, *, base_dir: Path | None) -> _Setup:
         and not size_given
         and (options.condition is not None or (adapter is not None and adapter.preprocess is not None))
     )
-    rule_options = {name: getattr(options, name) for name in RULE_FIELDS}
-    for name, value in rule_options.items():
-        rule_options[name] = _rule_option(name, value)
+    # The rule options given, checked (the ones not given left out, so a row sees at once that there are none).
+    checked_rules = {name: _rule_option(name, getattr(options, name)) for name in RULE_FIELDS}
+    rule_options = {name: value for name, value in checked_rules.items() if value is not None}
     scorer = check_scorer(options.scorer or DEFAULT_SCORER)
-    if any(v is not None for v in rule_options.values()) and "seed" in grid.fields:
+    if rule_options and "seed" in grid.fields:
         raise InvalidSubmission(
             "--vary seed sets every image's seed, but a line with acceptance rules derives its tries' seeds",
             field="vary",
@@ -274,11 +275,12 @@ def _plan(setup: _Setup, rows: Sequence[Row]) -> Plan:
     duplicates = negative_prompts = 0
     notes: dict[str, None] = {}
     lines: dict[str, LinePlan] = {}
+    guidance_note = functools.cache(setup.choice.sampler.guidance_note)  # a few distinct scales in a file
     for row in rows:
         row_specs = _expand(row, setup, occurrences, lines)
         negative_prompts += _has_negative_prompt(row) and any(spec.negative_prompt is None for spec in row_specs)
         for spec in row_specs:
-            note = setup.choice.sampler.guidance_note(spec.guidance_scale)
+            note = guidance_note(spec.guidance_scale)
             if note is not None:
                 notes[note] = None
             job_id = spec.id_in(options.dataset)
@@ -332,8 +334,9 @@ class _Grid:
     axes: tuple[Axis, ...]
     variations: list[dict[str, Any]]
 
-    @property
+    @functools.cached_property
     def fields(self) -> tuple[str, ...]:
+        """The fields the axes set (read for every row, so built once)."""
         return tuple(name for axis in self.axes for name in axis.fields)
 
 

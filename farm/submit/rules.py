@@ -56,12 +56,12 @@ def row_rules(
     row: Row, option_values: dict[str, Any], images_per_prompt: Any, *, keep_rejected: bool, scorer: str
 ) -> Rules | None:
     """The rules of one row (its own fields over the options'), or None when neither sets any."""
-    if row.fields.keys().isdisjoint(RULE_FIELDS) and all(v is None for v in option_values.values()):
-        return None  # the common row: no rules here nor in the options (checked first, once per row, cheaply)
+    if not option_values and row.fields.keys().isdisjoint(RULE_FIELDS):
+        return None  # the common row: no rules here nor in the options (a set test, once per row)
     given = {name: row.fields[name] for name in RULE_FIELDS if row.fields.get(name) is not None}
-    if not given and all(v is None for v in option_values.values()):
-        return None
     values = {name: v for name, v in option_values.items() if v is not None}
+    if not given and not values:
+        return None
 
     def checked(name: str) -> Any:
         if name in given:
