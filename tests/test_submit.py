@@ -445,3 +445,24 @@ def test_plan_rows_from_python_records(tmp_path: Path) -> None:
     with pytest.raises(InvalidSubmission) as info:
         plan_rows(rows_from_records(["a", {"prompt": "b", "steps": 99}]), _opts(), base_dir=tmp_path)
     assert "<prompts>:row 2: field 'num_inference_steps'" in str(info.value)
+
+
+def test_planning_pauses_the_garbage_collector_and_restores_it(tmp_path: Path) -> None:
+    """The collector is left as it was after a plan is built, also when a row is refused."""
+    import gc
+
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.jsonl"
+    good.write_text("a\nb\n")
+    bad.write_text('{"prompt": "a"}\n{"prompt": "b", "width": 7}\n')
+    assert gc.isenabled()
+    plan_submission(good, SubmitOptions(dataset="gc", model="tiny"))
+    assert gc.isenabled()
+    with pytest.raises(InvalidSubmission):
+        plan_submission(bad, SubmitOptions(dataset="gc", model="tiny"))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        plan_submission(good, SubmitOptions(dataset="gc", model="tiny"))
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

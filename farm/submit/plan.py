@@ -5,11 +5,13 @@ Nothing is written here: a Plan is what farm/submit/record.py records once every
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -141,13 +143,29 @@ def plan_submission(path: Path, options: SubmitOptions) -> Plan:
     Options are checked before the file is read, so a bad option is reported even for a bad file.
     """
     setup = _setup(options, base_dir=path.expanduser().absolute().parent)
-    return _plan(setup, read_rows(path, max_line_bytes=options.max_line_bytes))
+    with collector_paused():
+        return _plan(setup, read_rows(path, max_line_bytes=options.max_line_bytes))
 
 
 def plan_rows(rows: Sequence[Row], options: SubmitOptions, *, base_dir: Path | None) -> Plan:
     """plan_submission for rows already read (farm.Client's lists); their control_image paths resolve inside
     base_dir (None: rows may not name control images)."""
-    return _plan(_setup(options, base_dir=base_dir), rows)
+    setup = _setup(options, base_dir=base_dir)
+    with collector_paused():
+        return _plan(setup, rows)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused, then restored. A large plan allocates millions of objects, none in
+    a cycle, and each full collection walks every live one: 5–25 % of planning 100k rows here."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)

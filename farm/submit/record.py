@@ -15,7 +15,7 @@ from farm.errors import InvalidSubmission
 from farm.job import INPUT_FIELDS
 from farm.rules import Rules
 from farm.store.schema import AcceptanceLine, Dataset, Job, JobStatus, utcnow
-from farm.submit.plan import Plan
+from farm.submit.plan import Plan, collector_paused
 
 _INSERT_CHUNK = 5_000
 
@@ -59,7 +59,8 @@ def record(engine: Engine, plan: Plan) -> Recorded:
                 (job_id, dataset_id, *inputs(spec), pending, 0, now)
                 for spec, job_id in zip(plan.specs, plan.ids, strict=True)
             )
-            _stage(conn, staging, rows)
+            with collector_paused():
+                _stage(conn, staging, rows)
             columns = [c.name for c in staging.columns]
             moved = select(*staging.columns).where(true())  # `WHERE true` lets SQLite parse ON CONFLICT
             # rowcount of an INSERT is only kept when asked for (SQLAlchemy 2: preserve_rowcount).
