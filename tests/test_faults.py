@@ -8,6 +8,7 @@ import os
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -62,16 +63,7 @@ def test_worker_killed_mid_batch_loses_nothing(
     tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str
 ) -> None:
     dataset = f"kill-{queue_name}"
-    env = farm_env(
-        FARM_HOME=str(bench_home),
-        FARM_DATABASE_URL=own_pg_url,
-        FARM_BROKER_URL=redis_url,
-        FARM_QUEUE=queue_name,
-        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
-        FARM_LEASE_S="10",
-        FARM_BATCH_SIZE="4",
-        FARM_MAX_ATTEMPTS="3",
-    )
+    env = _kill_env(tmp_path, bench_home, own_pg_url, redis_url, queue_name)
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"a lighthouse, take {i}\n" for i in range(12)))
     assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
@@ -89,8 +81,32 @@ def test_worker_killed_mid_batch_loses_nothing(
     victim.stop()
     stranded = _counts(env, dataset)["running"]
     assert stranded > 0
+    jobs, rescuer_log = _rescue(env, dataset, tmp_path, own_pg_url, stranded)
+    assert all(j.attempts in (1, 2) for j in jobs)
+    assert "reaper:" in rescuer_log
 
-    # Any worker runs the reaper: once the dead worker's leases expire, its jobs go out again.
+
+def _kill_env(
+    tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str, **extra: str
+) -> dict[str, str]:
+    """A worker's settings for the kill tests: 10 s leases, batches of 4, 3 attempts, images under tmp_path."""
+    return farm_env(
+        FARM_HOME=str(bench_home),
+        FARM_DATABASE_URL=own_pg_url,
+        FARM_BROKER_URL=redis_url,
+        FARM_QUEUE=queue_name,
+        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
+        FARM_LEASE_S="10",
+        FARM_BATCH_SIZE="4",
+        FARM_MAX_ATTEMPTS="3",
+        **extra,
+    )
+
+
+def _rescue(env: dict[str, str], dataset: str, tmp_path: Path, own_pg_url: str, stranded: int) -> tuple[list[Any], str]:
+    """After a kill: a new worker (any worker runs the reaper) finishes the dataset once the dead worker's leases
+    expire. Checks every one of the 12 jobs succeeded with exactly one object, and the stranded ones took a second
+    attempt each; returns the jobs and the rescuer's log."""
     rescuer = Worker(env, tmp_path / "rescuer.log")
     try:
         wait_until(
@@ -104,24 +120,8 @@ def test_worker_killed_mid_batch_loses_nothing(
     jobs = _jobs(make_engine(own_pg_url), dataset)
     assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 12
     _one_object_per_job(tmp_path / "images" / dataset, jobs, env)
-    assert sum(1 for j in jobs if j.attempts == 2) == stranded  # the killed batch: a second attempt each
-    assert all(j.attempts in (1, 2) for j in jobs)
-    assert "reaper:" in rescuer.log()
-
-
-def _grouped_env(tmp_path: Path, bench_home: Path, own_pg_url: str, redis_url: str, queue_name: str) -> dict[str, str]:
-    """Group commit on: the batches a worker stores within 3 s are recorded together (a third of the 10 s lease)."""
-    return farm_env(
-        FARM_HOME=str(bench_home),
-        FARM_DATABASE_URL=own_pg_url,
-        FARM_BROKER_URL=redis_url,
-        FARM_QUEUE=queue_name,
-        FARM_STORAGE_URL=(tmp_path / "images").as_uri(),
-        FARM_LEASE_S="10",
-        FARM_BATCH_SIZE="4",
-        FARM_MAX_ATTEMPTS="3",
-        FARM_RECORD_GROUP_S="3",
-    )
+    assert sum(1 for j in jobs if j.attempts == 2) == stranded  # the killed batches: a second attempt each
+    return jobs, rescuer.log()
 
 
 def _stored_not_recorded(env: dict[str, str], dataset: str, worker: Worker, tmp_path: Path) -> None:
@@ -142,7 +142,9 @@ def test_worker_killed_with_a_group_waiting_loses_nothing(
     """SIGKILL while stored batches wait for their group commit: their rows still say running, so the reaper
     hands them out again; `farm gc` removes the objects the dead attempt stored; every job ends with one image."""
     dataset = f"group-kill-{queue_name}"
-    env = _grouped_env(tmp_path, bench_home, own_pg_url, redis_url, queue_name)
+    env = _kill_env(
+        tmp_path, bench_home, own_pg_url, redis_url, queue_name, FARM_RECORD_GROUP_S="3"
+    )  # a third of the lease
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"a harbour, take {i}\n" for i in range(12)))
     assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0
@@ -153,20 +155,7 @@ def test_worker_killed_with_a_group_waiting_loses_nothing(
     victim.stop()
     stranded = _counts(env, dataset)["running"]
     assert stranded > 0 and "event=recorded" not in victim.log()
-    rescuer = Worker(env, tmp_path / "rescuer.log")
-    try:
-        wait_until(
-            lambda: json.loads(run_farm(["status", dataset, "--json"], env).stdout)[0]["done"],
-            timeout_s=240,
-            what="every job after the kill",
-            worker=rescuer,
-        )
-    finally:
-        rescuer.stop()
-    jobs = _jobs(make_engine(own_pg_url), dataset)
-    assert {j.status for j in jobs} == {"succeeded"} and len(jobs) == 12
-    _one_object_per_job(tmp_path / "images" / dataset, jobs, env)
-    assert sum(1 for j in jobs if j.attempts == 2) == stranded
+    _rescue(env, dataset, tmp_path, own_pg_url, stranded)
 
 
 def test_sigterm_records_the_waiting_group_before_the_worker_exits(
@@ -174,7 +163,9 @@ def test_sigterm_records_the_waiting_group_before_the_worker_exits(
 ) -> None:
     """A warm shutdown hands the waiting group over at once: what was stored is recorded, not handed back."""
     dataset = f"group-term-{queue_name}"
-    env = _grouped_env(tmp_path, bench_home, own_pg_url, redis_url, queue_name)
+    env = _kill_env(
+        tmp_path, bench_home, own_pg_url, redis_url, queue_name, FARM_RECORD_GROUP_S="3"
+    )  # a third of the lease
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"a quay, take {i}\n" for i in range(12)))
     assert run_farm(["submit", str(prompts), "--dataset", dataset, "--model", "bench-small"], env).returncode == 0

@@ -81,12 +81,7 @@ class DutyState:
 def duty_state(engine: Engine, duty: str = REAPER) -> DutyState:
     """The duty's row, or an empty state when no worker ever took it."""
     with engine.connect() as conn:
-        row = conn.execute(
-            select(Control.holder, Control.last_run_at, Control.note).where(Control.name == duty)
-        ).first()
-    if row is None:
-        return DutyState(None, None, None)
-    return DutyState(row.holder, row.last_run_at, row.note)
+        return DutyState(*progress.last_run(connection_reader(conn), duty))
 
 
 def leader_alive(engine: Engine) -> bool:
